@@ -1,0 +1,105 @@
+//! The handle the API uses to read and command the running modules. It only passes data:
+//! every decision is taken by the module's machine inside its supervisor task.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::module::{AdminCommand, CommandError, Snapshot};
+
+/// What `status` and `GET /api/v1/modules[/m]` show of one module. Field names are a stable
+/// contract (`--json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleView {
+    pub name: String,
+    pub id: Option<u16>,
+    pub mode: Option<crate::config::ModuleMode>,
+    pub node: String,
+    pub peer_node: Option<String>,
+    /// `None` when the module could not be loaded (see `error`).
+    pub status: Option<Snapshot>,
+    /// The configuration error that keeps this module from running.
+    pub error: Option<String>,
+}
+
+/// A request to one module's supervisor task.
+pub struct ModuleRequest {
+    pub command: AdminCommand,
+    pub reply: oneshot::Sender<Result<(), CommandError>>,
+}
+
+/// One running module as the API sees it.
+pub struct ModuleHandle {
+    pub view: ModuleView,
+    pub snapshot: watch::Receiver<Snapshot>,
+    pub commands: mpsc::Sender<ModuleRequest>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("no module named {0} is installed")]
+    UnknownModule(String),
+    #[error("module {name} is not running because of its configuration: {error}")]
+    Broken { name: String, error: String },
+    #[error("module {0} did not answer (its task has ended)")]
+    Gone(String),
+    #[error(transparent)]
+    Refused(#[from] CommandError),
+}
+
+/// Every installed module, running or broken.
+#[derive(Default)]
+pub struct Control {
+    pub node: String,
+    pub running: BTreeMap<String, ModuleHandle>,
+    /// Modules whose configuration was refused: name → (view with `error` set).
+    pub broken: BTreeMap<String, ModuleView>,
+    pub log_dir: PathBuf,
+}
+
+impl Control {
+    pub fn list(&self) -> Vec<ModuleView> {
+        let mut all: Vec<ModuleView> = self.running.keys().filter_map(|n| self.get(n)).collect();
+        all.extend(self.broken.values().cloned());
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    pub fn get(&self, name: &str) -> Option<ModuleView> {
+        if let Some(h) = self.running.get(name) {
+            let mut v = h.view.clone();
+            v.status = Some(h.snapshot.borrow().clone());
+            return Some(v);
+        }
+        self.broken.get(name).cloned()
+    }
+
+    pub async fn command(&self, name: &str, command: AdminCommand) -> Result<(), ControlError> {
+        let Some(h) = self.running.get(name) else {
+            return Err(match self.broken.get(name) {
+                Some(v) => ControlError::Broken {
+                    name: name.to_string(),
+                    error: v.error.clone().unwrap_or_default(),
+                },
+                None => ControlError::UnknownModule(name.to_string()),
+            });
+        };
+        let (reply, rx) = oneshot::channel();
+        h.commands
+            .send(ModuleRequest { command, reply })
+            .await
+            .map_err(|_| ControlError::Gone(name.to_string()))?;
+        rx.await.map_err(|_| ControlError::Gone(name.to_string()))??;
+        Ok(())
+    }
+
+    /// The module's daemon log, or with `user` its scripts' output.
+    pub fn log_path(&self, name: &str, user: bool) -> Result<PathBuf, ControlError> {
+        if !self.running.contains_key(name) && !self.broken.contains_key(name) {
+            return Err(ControlError::UnknownModule(name.to_string()));
+        }
+        let file = if user { format!("{name}.user.log") } else { format!("{name}.log") };
+        Ok(self.log_dir.join(file))
+    }
+}
