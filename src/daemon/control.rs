@@ -56,6 +56,17 @@ pub struct Control {
     /// Modules whose configuration was refused: name → (view with `error` set).
     pub broken: BTreeMap<String, ModuleView>,
     pub log_dir: PathBuf,
+    /// Asks the daemon to load newly installed modules and drop removed ones.
+    pub reload: Option<mpsc::Sender<oneshot::Sender<ReloadReport>>>,
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadReport {
+    pub started: Vec<String>,
+    pub removed: Vec<String>,
+    /// Modules refused, with the error sentence.
+    pub refused: Vec<(String, String)>,
 }
 
 impl Control {
