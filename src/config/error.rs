@@ -250,6 +250,19 @@ impl ConfigErrorInfo {
         if let Some(note) = &self.note {
             s.push_str(&format!(" ({note})"));
         }
+        // One line, whatever the values hold: control characters are shown escaped.
+        if s.chars().any(char::is_control) {
+            s = s
+                .chars()
+                .map(|c| {
+                    if c.is_control() {
+                        c.escape_default().to_string()
+                    } else {
+                        c.to_string()
+                    }
+                })
+                .collect();
+        }
         s
     }
 }

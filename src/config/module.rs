@@ -116,8 +116,10 @@ fn is_libvirt_uri(s: &str) -> bool {
 /// An absolute path, normalised (no empty or `.` components, no trailing '/'); `None` when it
 /// is not absolute, is `/`, or has a `..` component.
 fn normalize_abs(s: &str) -> Option<PathBuf> {
-    let rest = s.strip_prefix('/')?;
-    let rel = normalize_rel(rest)?;
+    if !s.starts_with('/') {
+        return None;
+    }
+    let rel = normalize_rel(s.trim_start_matches('/'))?;
     Some(Path::new("/").join(rel))
 }
 
