@@ -1479,3 +1479,36 @@ fn fuzz_mutations_never_panic() {
     // Both outcomes are exercised (about 5% of the mutants stay valid with this seed).
     assert!(ok > 400 && err > 10_000, "ok {ok}, err {err}");
 }
+
+#[test]
+fn documented_examples_are_valid() {
+    // The cluster.xml and full userconfig.xml examples of docs/configuration.md parse.
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/configuration.md"
+    ))
+    .expect("docs/configuration.md");
+    let block = |start: &str| -> String {
+        let from = doc
+            .find(&format!("```xml\n{start}"))
+            .expect("example block")
+            + "```xml\n".len();
+        let len = doc[from..].find("```").expect("end of block");
+        doc[from..from + len].to_string()
+    };
+    let c =
+        parse_cluster(&block("<cluster"), Path::new("docs/cluster.xml")).expect("cluster example");
+    assert_eq!(c, cluster());
+    let m = parse_module(&block("<module"), Path::new("docs/userconfig.xml"), &c)
+        .expect("module example");
+    assert_eq!(m.checks.len(), 3);
+    let rfs = m.rfs.expect("rfs");
+    assert_eq!(
+        rfs.replicated[0].notreplicated,
+        vec![PathBuf::from("tmp"), PathBuf::from("cache")]
+    );
+    assert_eq!(
+        m.user.vars,
+        vec![("SITE".to_string(), "production".to_string())]
+    );
+}
