@@ -6,7 +6,7 @@
 mod machine;
 mod types;
 
-pub use machine::Module;
+pub use machine::{relation, Module, Relation};
 pub use types::*;
 
 use serde::{Deserialize, Serialize};

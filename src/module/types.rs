@@ -43,6 +43,18 @@ impl State {
     }
 }
 
+impl PeerStatus {
+    /// The sender runs, or is about to run, the application: primary and not leaving the
+    /// role, or starting as primary.
+    pub fn acts_primary(&self) -> bool {
+        match self.transition {
+            Some(Transition::StartingPrimary) | Some(Transition::Restarting) => true,
+            Some(Transition::Stopping) | Some(Transition::StartingSecondary) => false,
+            _ => self.state.is_primary(),
+        }
+    }
+}
+
 impl fmt::Display for State {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -59,6 +71,8 @@ pub enum Transition {
     StartingSecondary,
     /// Stop scripts of the role being left are running.
     Stopping,
+    /// The application is being restarted in place (the role is kept).
+    Restarting,
     /// The data is being brought up to date from the peer (SECOND only).
     Resyncing,
     /// Waiting for the witness's answer after losing every heartbeat.
@@ -72,6 +86,7 @@ impl Transition {
             Transition::StartingPrimary => "starting primary",
             Transition::StartingSecondary => "starting secondary",
             Transition::Stopping => "stopping",
+            Transition::Restarting => "restarting",
             Transition::Resyncing => "resyncing",
             Transition::CheckingWitness => "checking witness",
         }
