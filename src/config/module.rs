@@ -436,12 +436,17 @@ fn rfs(ck: &Ck<'_>, el: &Element, cluster: &ClusterConfig, heart: &HeartConfig) 
             let v = a.value.trim();
             let v = v.strip_suffix("/s").unwrap_or(v);
             units::size(v).map_err(|e| {
-                ck.bad(
-                    el,
-                    a,
-                    "bytes per second, plain or with a unit (KiB, MiB, GiB), 0 for no cap",
-                )
-                .with_suggestion(e.suggestion)
+                let err = ck
+                    .bad(
+                        el,
+                        a,
+                        "bytes per second, plain or with a unit (KiB, MiB, GiB), 0 for no cap",
+                    )
+                    .with_suggestion(e.suggestion);
+                match e.note {
+                    Some(note) => err.with_note(note),
+                    None => err,
+                }
             })?
         }
     };
