@@ -1,6 +1,9 @@
 //! The node daemon: one supervisor task per module, the admin API, clean shutdown.
 
+pub mod checkers;
 pub mod control;
+pub mod logs;
+pub mod scripts;
 
 use std::net::SocketAddr;
 
