@@ -15,8 +15,11 @@ pub struct Paths {
 }
 
 impl Paths {
+    /// Relative directories are made absolute against the current directory, because
+    /// scripts run with their module directory as working directory.
     pub fn new(home: impl Into<PathBuf>, state_dir: impl Into<PathBuf>) -> Paths {
-        Paths { home: home.into(), state_dir: state_dir.into() }
+        let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+        Paths { home: absolute(home.into()), state_dir: absolute(state_dir.into()) }
     }
     pub fn cluster_xml(&self) -> PathBuf {
         self.home.join("cluster.xml")

@@ -204,6 +204,22 @@ impl Module {
         self.evaluate(now);
     }
 
+    /// The daemon is shutting down: stop the module (scripts run as for `stop`) but leave it
+    /// marked running, so that the next daemon start resumes it.
+    pub fn shutdown(&mut self, now: Instant) {
+        self.restart_deadline = None;
+        if self.state != State::Stop || self.run.is_some() {
+            self.log(LogLevel::Info, "the daemon is shutting down: stopping the module (it starts again with the daemon)");
+            self.stop_requested = true;
+        }
+        self.evaluate(now);
+    }
+
+    /// Stopped, with no script running: nothing left to wait for.
+    pub fn is_stopped(&self) -> bool {
+        self.state == State::Stop && self.run.is_none()
+    }
+
     /// An admin command; refused with no change when it cannot apply now.
     pub fn handle_admin(&mut self, now: Instant, cmd: AdminCommand) -> Result<(), CommandError> {
         let result = self.admin(now, &cmd);
@@ -282,7 +298,13 @@ impl Module {
             transition: self.transition,
             wait_reason: if self.state == State::Wait { self.wait_reason } else { None },
             role: self.p.last_role,
-            lans: self.params.lans.iter().cloned().zip(self.lan_deadline.iter().map(Option::is_some)).collect(),
+            lans: self
+                .params
+                .lans
+                .iter()
+                .zip(&self.lan_deadline)
+                .map(|(name, d)| LanStatus { name: name.clone(), up: d.is_some() })
+                .collect(),
             peer: self.peer.clone().filter(|_| self.peer_visible()),
             generation: self.p.history.last().copied(),
             in_sync: self.state == State::Second && self.in_sync,

@@ -138,6 +138,12 @@ pub enum CommandError {
     Refused { module: String, command: &'static str, why: String },
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LanStatus {
+    pub name: String,
+    pub up: bool,
+}
+
 /// A read-only picture of the machine, for `status` and the API.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {
@@ -145,8 +151,8 @@ pub struct Snapshot {
     pub transition: Option<Transition>,
     pub wait_reason: Option<WaitReason>,
     pub role: Role,
-    /// Per heartbeat lan: (name, up).
-    pub lans: Vec<(String, bool)>,
+    /// Every heartbeat lan and whether the peer's heartbeats arrive on it.
+    pub lans: Vec<LanStatus>,
     pub peer: Option<PeerStatus>,
     pub generation: Option<Generation>,
     pub in_sync: bool,

@@ -5,6 +5,7 @@ use std::fmt;
 
 /// A module's stable state (SafeKit's vocabulary).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
 pub enum State {
     /// Not running.
     Stop,
@@ -63,6 +64,7 @@ impl fmt::Display for State {
 
 /// A transient step, shown beside the state (`WAIT (starting)`), never hidden.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Transition {
     /// prestart and the first decision: heartbeats are exchanged, the role is not chosen yet.
     Starting,
@@ -95,6 +97,7 @@ impl Transition {
 
 /// Why a module sits in WAIT; shown in `status` so the admin knows what to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum WaitReason {
     /// Deciding: waiting for the peer's heartbeat or the startup delay.
     Deciding,
@@ -136,6 +139,7 @@ impl WaitReason {
 
 /// The role a node held last, persisted so that a restart resumes correctly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Role {
     None,
     Primary,

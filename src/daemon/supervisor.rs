@@ -1,0 +1,247 @@
+//! One module's supervisor task: the only code that turns the machine's actions into I/O
+//! (scripts, heartbeats, witness pings, checkers, the state file, the module log).
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+
+use crate::cluster::{ClusterKey, HeartbeatLan, Heartbeats};
+use crate::config::{ClusterConfig, ModuleConfig};
+use crate::module::{Action, Event, LogLevel, Module, ModuleParams, PersistedState, Snapshot};
+use crate::paths::Paths;
+
+use super::checkers::{spawn_checkers, CheckerSet};
+use super::control::{ModuleHandle, ModuleRequest, ModuleView};
+use super::logs::ModuleLog;
+use super::scripts::{run_script, ScriptEnv};
+
+/// Admin requests waiting for one module's task.
+const COMMAND_QUEUE_MAX: usize = 16;
+/// Script, witness and checker results waiting for one module's task.
+const EVENT_QUEUE_MAX: usize = 64;
+
+/// How long the witnesses get to answer: half the heartbeat timeout, within these bounds.
+fn witness_timeout(heartbeat_timeout: Duration) -> Duration {
+    (heartbeat_timeout / 2).clamp(Duration::from_millis(500), Duration::from_secs(3))
+}
+
+/// Everything a module needs that comes from outside its own config.
+pub struct ModuleContext {
+    pub paths: Paths,
+    pub cluster: Arc<ClusterConfig>,
+    pub node: String,
+    pub pair: [String; 2],
+    pub key: ClusterKey,
+    pub epoch: u64,
+}
+
+/// Loads the module's persisted state: a missing file is a fresh module; an unreadable one
+/// refuses the module (guessing could make it primary on stale data).
+pub fn load_state(path: &Path) -> Result<PersistedState, String> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+            format!(
+                "its state file {} is damaged ({e}); move it away to start this node as a fresh secondary",
+                path.display()
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(PersistedState::default()),
+        Err(e) => Err(format!("its state file {} cannot be read: {e}", path.display())),
+    }
+}
+
+/// Writes the state durably: temporary file, fsync, rename, fsync of the directory.
+fn save_state(path: &Path, state: &PersistedState) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = path.with_extension("json.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Binds the module's heartbeat sockets and starts its task; returns the handle the API uses
+/// and the task, or the sentence that explains why the module cannot run.
+pub fn start_module(
+    ctx: &ModuleContext,
+    config: ModuleConfig,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(ModuleHandle, tokio::task::JoinHandle<()>), String> {
+    let peer = if ctx.pair[0] == ctx.node { ctx.pair[1].clone() } else { ctx.pair[0].clone() };
+    let port = config.heartbeat_port();
+    let mut lans = Vec::new();
+    for lan in &config.heart.lans {
+        let (Some(local), Some(remote)) = (ctx.cluster.addr(lan, &ctx.node), ctx.cluster.addr(lan, &peer)) else {
+            return Err(format!("lan {lan} of its <heart> does not list both {} and {peer} in cluster.xml", ctx.node));
+        };
+        lans.push(HeartbeatLan { name: lan.clone(), local: (local, port).into(), peer: (remote, port).into() });
+    }
+    let node_index = if ctx.pair[0] == ctx.node { 0 } else { 1 };
+    let heartbeats = Heartbeats::bind(ctx.key.clone(), node_index, config.id, lans, ctx.epoch)
+        .map_err(|e| format!("its heartbeat sockets cannot be opened: {e}"))?;
+    let persisted = load_state(&ctx.paths.module_state_file(&config.name))?;
+    let params = ModuleParams::from_config(&config, &ctx.node, ctx.pair.clone());
+    let machine = Module::new(params, persisted);
+    let (snapshot_tx, snapshot_rx) = watch::channel(machine.snapshot());
+    let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE_MAX);
+    let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE_MAX);
+    let view = ModuleView {
+        name: config.name.clone(),
+        id: Some(config.id),
+        mode: Some(config.mode),
+        node: ctx.node.clone(),
+        peer_node: Some(peer.clone()),
+        status: None,
+        error: None,
+    };
+    let env = ScriptEnv::new(&ctx.paths, &config.name, &ctx.node, Some(&peer), &config.user.vars);
+    let supervisor = Supervisor {
+        log: ModuleLog::new(&ctx.paths, &config.name),
+        paths: ctx.paths.clone(),
+        env,
+        config,
+        machine,
+        heartbeats,
+        snapshot_tx,
+        commands: commands_rx,
+        events_tx,
+        events: events_rx,
+        checkers: None,
+        shutdown,
+    };
+    let task = tokio::spawn(supervisor.run());
+    Ok((ModuleHandle { view, snapshot: snapshot_rx, commands: commands_tx }, task))
+}
+
+struct Supervisor {
+    paths: Paths,
+    config: ModuleConfig,
+    env: ScriptEnv,
+    machine: Module,
+    heartbeats: Heartbeats,
+    log: ModuleLog,
+    snapshot_tx: watch::Sender<Snapshot>,
+    commands: mpsc::Receiver<ModuleRequest>,
+    events_tx: mpsc::Sender<Event>,
+    events: mpsc::Receiver<Event>,
+    checkers: Option<CheckerSet>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Supervisor {
+    async fn run(mut self) {
+        self.machine.boot(Instant::now());
+        self.execute().await;
+        let mut shutting_down = false;
+        let mut commands_open = true;
+        loop {
+            if shutting_down && self.machine.is_stopped() {
+                break;
+            }
+            if !commands_open && self.machine.is_stopped() {
+                // The module was removed by a reload.
+                break;
+            }
+            let deadline = self.machine.poll_timeout().map(tokio::time::Instant::from_std);
+            tokio::select! {
+                _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
+                    self.machine.handle_timeout(Instant::now());
+                }
+                (lan, status) = self.heartbeats.recv() => {
+                    self.machine.handle(Instant::now(), Event::Heartbeat { lan, status });
+                }
+                Some(event) = self.events.recv() => {
+                    self.machine.handle(Instant::now(), event);
+                }
+                request = self.commands.recv(), if commands_open => match request {
+                    Some(request) => {
+                        let result = self.machine.handle_admin(Instant::now(), request.command);
+                        let _ = request.reply.send(result);
+                    }
+                    None => commands_open = false,
+                },
+                changed = self.shutdown.changed(), if !shutting_down => {
+                    if changed.is_err() || *self.shutdown.borrow() {
+                        shutting_down = true;
+                        self.machine.shutdown(Instant::now());
+                    }
+                }
+            }
+            self.execute().await;
+        }
+        self.checkers = None;
+        self.log.line(LogLevel::Info, "supervisor ended");
+    }
+
+    /// Executes every pending action, in order.
+    async fn execute(&mut self) {
+        while let Some(action) = self.machine.poll_action() {
+            match action {
+                Action::RunScript(script) => {
+                    let paths = self.paths.clone();
+                    let env = self.env.clone();
+                    let user = self.config.user.clone();
+                    let state = self.machine.state();
+                    let tx = self.events_tx.clone();
+                    tokio::spawn(async move {
+                        let outcome = run_script(&paths, &env, state, script, &user).await;
+                        let _ = tx.send(Event::ScriptDone { script, outcome }).await;
+                    });
+                }
+                Action::SendHeartbeat(status) => self.heartbeats.send(&status).await,
+                Action::CheckWitness => {
+                    let witnesses = self.config.splitbrain.as_ref().map(|s| s.witnesses.clone()).unwrap_or_default();
+                    let timeout = witness_timeout(self.config.heart.timeout);
+                    let tx = self.events_tx.clone();
+                    tokio::spawn(async move {
+                        let reachable = crate::quorum::witness_reachable(&witnesses, timeout).await;
+                        let _ = tx.send(Event::Witness { reachable }).await;
+                    });
+                }
+                Action::StartResync { full } => {
+                    // This version replicates no data yet (scripts only): there is nothing to
+                    // copy, so the resync is complete at once.
+                    self.log.line(
+                        LogLevel::Info,
+                        &format!("resync ({}) has no data to copy in this version", if full { "full" } else { "changes" }),
+                    );
+                    let _ = self.events_tx.send(Event::ResyncDone { ok: true }).await;
+                }
+                Action::StopResync => {}
+                Action::Checkers(on) => {
+                    self.checkers = on.then(|| {
+                        spawn_checkers(
+                            &self.config.name,
+                            &self.paths,
+                            &self.env,
+                            &self.config.checks,
+                            self.events_tx.clone(),
+                        )
+                    });
+                }
+                Action::Persist(state) => {
+                    let path = self.paths.module_state_file(&self.config.name);
+                    if let Err(e) = save_state(&path, &state) {
+                        // The machine goes on; the next persist tries again. Say it loudly.
+                        self.log.line(LogLevel::Error, &format!("cannot write the state file {}: {e}", path.display()));
+                        tracing::error!(module = %self.config.name, "cannot write the state file {}: {e}", path.display());
+                    }
+                }
+                Action::Log(level, text) => {
+                    self.log.line(level, &text);
+                    match level {
+                        LogLevel::Info => tracing::info!(module = %self.config.name, "{text}"),
+                        LogLevel::Warn => tracing::warn!(module = %self.config.name, "{text}"),
+                        LogLevel::Error => tracing::error!(module = %self.config.name, "{text}"),
+                    }
+                }
+            }
+        }
+        self.snapshot_tx.send_replace(self.machine.snapshot());
+    }
+}
