@@ -1,0 +1,10 @@
+//! Helpers shared by the integration tests (`mod support;` in a test file).
+//!
+//! Layout:
+//! - `lab`: multi-host labs of network-namespace hosts (a wrapper over `tools/lab`), and
+//!   `wait_until`, the way tests wait for a condition.
+
+// Each test binary compiles this module on its own and uses only part of it.
+#![allow(dead_code)]
+
+pub mod lab;
