@@ -23,16 +23,7 @@ fn snapshot(state: State) -> Snapshot {
         transition: None,
         wait_reason: None,
         role: Role::None,
-        lans: vec![
-            LanStatus {
-                name: "default".into(),
-                up: true,
-            },
-            LanStatus {
-                name: "replication".into(),
-                up: false,
-            },
-        ],
+        lans: vec![LanStatus { name: "default".into(), up: true }, LanStatus { name: "replication".into(), up: false }],
         peer: None,
         generation: None,
         in_sync: false,
@@ -73,9 +64,7 @@ fn fake_module(
     let module = name.to_string();
     tokio::spawn(async move {
         while let Some(req) = cmd_rx.recv().await {
-            seen.lock()
-                .unwrap()
-                .push((module.clone(), req.command.clone()));
+            seen.lock().unwrap().push((module.clone(), req.command.clone()));
             let answer = match req.command {
                 AdminCommand::Start => Err(CommandError::AlreadyRunning(module.clone())),
                 _ => Ok(()),
@@ -85,14 +74,7 @@ fn fake_module(
     });
     let mut v = view(name, None);
     v.status = None;
-    (
-        ModuleHandle {
-            view: v,
-            snapshot: snap_rx,
-            commands: cmd_tx,
-        },
-        snap_tx,
-    )
+    (ModuleHandle { view: v, snapshot: snap_rx, commands: cmd_tx }, snap_tx)
 }
 
 fn fake() -> Fake {
@@ -100,11 +82,7 @@ fn fake() -> Fake {
     let log_dir = dir.path().join("log");
     std::fs::create_dir_all(&log_dir).unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let mut control = Control {
-        node: "hostA".into(),
-        log_dir: log_dir.clone(),
-        ..Control::default()
-    };
+    let mut control = Control { node: "hostA".into(), log_dir: log_dir.clone(), ..Control::default() };
     let (web01, web01_tx) = fake_module("web01", State::Prim, seen.clone());
     let (db, db_tx) = fake_module("db", State::Second, seen.clone());
     // A module whose task has ended: its channel is closed.
@@ -113,18 +91,10 @@ fn fake() -> Fake {
     let (_, gone_snap) = watch::channel(snapshot(State::Stop));
     control.running.insert("web01".into(), web01);
     control.running.insert("db".into(), db);
-    control.running.insert(
-        "gone".into(),
-        ModuleHandle {
-            view: view("gone", None),
-            snapshot: gone_snap,
-            commands: gone_tx,
-        },
-    );
-    control.broken.insert(
-        "bad".into(),
-        view("bad", Some("userconfig.xml:3: <heart>: bad pulse")),
-    );
+    control
+        .running
+        .insert("gone".into(), ModuleHandle { view: view("gone", None), snapshot: gone_snap, commands: gone_tx });
+    control.broken.insert("bad".into(), view("bad", Some("userconfig.xml:3: <heart>: bad pulse")));
     let (reload_tx, mut reload_rx) = mpsc::channel::<oneshot::Sender<ReloadReport>>(1);
     tokio::spawn(async move {
         while let Some(reply) = reload_rx.recv().await {
@@ -139,13 +109,7 @@ fn fake() -> Fake {
     control.reload = Some(reload_tx);
     // Keep the db snapshot sender alive for the whole test.
     std::mem::forget(db_tx);
-    Fake {
-        control: Arc::new(RwLock::new(control)),
-        seen,
-        web01: web01_tx,
-        _dir: dir,
-        log_dir,
-    }
+    Fake { control: Arc::new(RwLock::new(control)), seen, web01: web01_tx, _dir: dir, log_dir }
 }
 
 /// Serves `router` on a fresh local TCP port.
@@ -157,36 +121,20 @@ async fn listen(control: Arc<RwLock<Control>>, token: Option<&str>) -> Endpoint 
     Endpoint::Tcp(addr.to_string())
 }
 
-async fn call(
-    endpoint: &Endpoint,
-    token: Option<&str>,
-    method: &str,
-    path: &str,
-    body: Option<&str>,
-) -> Response {
+async fn call(endpoint: &Endpoint, token: Option<&str>, method: &str, path: &str, body: Option<&str>) -> Response {
     let client = Client::new(endpoint.clone(), token.map(str::to_string));
-    let (method, path, body) = (
-        method.to_string(),
-        path.to_string(),
-        body.map(|b| b.as_bytes().to_vec()),
-    );
-    tokio::task::spawn_blocking(move || client.request(&method, &path, body.as_deref()).unwrap())
-        .await
-        .unwrap()
+    let (method, path, body) = (method.to_string(), path.to_string(), body.map(|b| b.as_bytes().to_vec()));
+    tokio::task::spawn_blocking(move || client.request(&method, &path, body.as_deref()).unwrap()).await.unwrap()
 }
 
 fn json(r: &Response) -> Value {
-    serde_json::from_slice(&r.body)
-        .unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(&r.body)))
+    serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("{e}: {:?}", String::from_utf8_lossy(&r.body)))
 }
 
 /// The status and the error sentence of a failed request.
 fn error(r: &Response) -> (u16, String) {
     let v = json(r);
-    let e = v["error"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no error in {v}"))
-        .to_string();
+    let e = v["error"].as_str().unwrap_or_else(|| panic!("no error in {v}")).to_string();
     assert!(!e.contains('\n'), "one sentence: {e}");
     (r.status, e)
 }
@@ -201,10 +149,7 @@ async fn get_modules_lists_running_and_broken() {
     let views: Vec<ModuleView> = r.json().unwrap();
     let names: Vec<&str> = views.iter().map(|v| v.name.as_str()).collect();
     assert_eq!(names, ["bad", "db", "gone", "web01"]);
-    assert_eq!(
-        views[0].error.as_deref(),
-        Some("userconfig.xml:3: <heart>: bad pulse")
-    );
+    assert_eq!(views[0].error.as_deref(), Some("userconfig.xml:3: <heart>: bad pulse"));
     assert!(views[0].status.is_none());
 
     let mut s = snapshot(State::Wait);
@@ -234,11 +179,7 @@ async fn commands_reach_the_module_and_map_errors() {
         ("/api/v1/modules/db/second", Some(r#"{"full":true}"#)),
     ] {
         let r = call(&ep, None, "POST", path, body).await;
-        assert_eq!(
-            (r.status, json(&r)),
-            (200, serde_json::json!({"ok": true})),
-            "{path}"
-        );
+        assert_eq!((r.status, json(&r)), (200, serde_json::json!({"ok": true})), "{path}");
     }
     let seen = f.seen.lock().unwrap().clone();
     assert_eq!(
@@ -266,10 +207,7 @@ async fn commands_reach_the_module_and_map_errors() {
     let r = call(&ep, None, "POST", "/api/v1/modules/web01/explode", None).await;
     let (status, e) = error(&r);
     assert_eq!(status, 404);
-    assert!(
-        e.contains("start, stop, restart, swap, prim, second"),
-        "{e}"
-    );
+    assert!(e.contains("start, stop, restart, swap, prim, second"), "{e}");
 }
 
 // Bodies with unknown fields, wrong types or bad JSON are refused with 400 and change nothing.
@@ -286,22 +224,12 @@ async fn bad_bodies_are_refused() {
         ("prim", "[true]"),
         ("prim", "null"),
     ] {
-        let r = call(
-            &ep,
-            None,
-            "POST",
-            &format!("/api/v1/modules/web01/{cmd}"),
-            Some(body),
-        )
-        .await;
+        let r = call(&ep, None, "POST", &format!("/api/v1/modules/web01/{cmd}"), Some(body)).await;
         let (status, e) = error(&r);
         assert_eq!(status, 400, "{cmd} {body}: {e}");
         assert!(e.starts_with(&format!("the body of {cmd} must be")), "{e}");
     }
-    assert!(
-        f.seen.lock().unwrap().is_empty(),
-        "a bad request reached a module"
-    );
+    assert!(f.seen.lock().unwrap().is_empty(), "a bad request reached a module");
     let r = call(&ep, None, "POST", "/api/v1/reload", Some(r#"{"x":1}"#)).await;
     assert_eq!(error(&r).0, 400);
 }
@@ -319,40 +247,15 @@ async fn log_returns_last_lines() {
     let lines: Vec<String> = r.json().unwrap();
     assert_eq!(lines.len(), 100);
     assert_eq!(lines[99], "line 299");
-    let r = call(
-        &ep,
-        None,
-        "GET",
-        "/api/v1/modules/web01/log?n=2&user=false",
-        None,
-    )
-    .await;
+    let r = call(&ep, None, "GET", "/api/v1/modules/web01/log?n=2&user=false", None).await;
     assert_eq!(r.json::<Vec<String>>().unwrap(), ["line 298", "line 299"]);
-    let r = call(
-        &ep,
-        None,
-        "GET",
-        "/api/v1/modules/web01/log?user=true",
-        None,
-    )
-    .await;
+    let r = call(&ep, None, "GET", "/api/v1/modules/web01/log?user=true", None).await;
     assert_eq!(r.json::<Vec<String>>().unwrap(), ["user 1", "user 2"]);
     let r = call(&ep, None, "GET", "/api/v1/modules/db/log", None).await;
-    assert_eq!(
-        (r.status, r.json::<Vec<String>>().unwrap()),
-        (200, vec![]),
-        "no log yet"
-    );
+    assert_eq!((r.status, r.json::<Vec<String>>().unwrap()), (200, vec![]), "no log yet");
 
     for bad in ["n=-1", "n=abc", "user=maybe", "lines=3", "n=100000000"] {
-        let r = call(
-            &ep,
-            None,
-            "GET",
-            &format!("/api/v1/modules/web01/log?{bad}"),
-            None,
-        )
-        .await;
+        let r = call(&ep, None, "GET", &format!("/api/v1/modules/web01/log?{bad}"), None).await;
         assert_eq!(error(&r).0, 400, "{bad}");
     }
     let r = call(&ep, None, "GET", "/api/v1/modules/nope/log", None).await;
@@ -383,10 +286,7 @@ async fn health_is_ok_only_on_the_primary() {
     let r = call(&ep, None, "GET", "/health/web01", None).await;
     assert_eq!((r.status, r.body.as_slice()), (200, &b"OK\n"[..]));
     f.web01.send(snapshot(State::Alone)).unwrap();
-    assert_eq!(
-        call(&ep, None, "GET", "/health/web01", None).await.status,
-        200
-    );
+    assert_eq!(call(&ep, None, "GET", "/health/web01", None).await.status, 200);
     for state in [State::Stop, State::Wait, State::Second] {
         f.web01.send(snapshot(state)).unwrap();
         let r = call(&ep, None, "GET", "/health/web01", None).await;
@@ -395,14 +295,8 @@ async fn health_is_ok_only_on_the_primary() {
         assert!(e.contains(state.as_str()), "{e}");
     }
     assert_eq!(call(&ep, None, "GET", "/health/db", None).await.status, 404);
-    assert_eq!(
-        call(&ep, None, "GET", "/health/bad", None).await.status,
-        404
-    );
-    assert_eq!(
-        call(&ep, None, "GET", "/health/nope", None).await.status,
-        404
-    );
+    assert_eq!(call(&ep, None, "GET", "/health/bad", None).await.status, 404);
+    assert_eq!(call(&ep, None, "GET", "/health/nope", None).await.status, 404);
 }
 
 // On TCP, requests that change state need the bearer token; reads do not.
@@ -410,28 +304,15 @@ async fn health_is_ok_only_on_the_primary() {
 async fn tcp_requires_token_for_posts() {
     let f = fake();
     let ep = listen(f.control.clone(), Some(TOKEN)).await;
-    assert_eq!(
-        call(&ep, None, "GET", "/api/v1/modules", None).await.status,
-        200
-    );
-    assert_eq!(
-        call(&ep, None, "GET", "/api/v1/modules/web01/log", None)
-            .await
-            .status,
-        200
-    );
+    assert_eq!(call(&ep, None, "GET", "/api/v1/modules", None).await.status, 200);
+    assert_eq!(call(&ep, None, "GET", "/api/v1/modules/web01/log", None).await.status, 200);
     for token in [None, Some("wrong"), Some("s3cret-token-and-more")] {
         let r = call(&ep, token, "POST", "/api/v1/modules/web01/stop", None).await;
         let (status, e) = error(&r);
         assert_eq!(status, 401, "{token:?}");
         assert!(e.contains("token"), "{e}");
         assert_eq!(r.header("www-authenticate"), Some("Bearer"));
-        assert_eq!(
-            call(&ep, token, "POST", "/api/v1/reload", None)
-                .await
-                .status,
-            401
-        );
+        assert_eq!(call(&ep, token, "POST", "/api/v1/reload", None).await.status, 401);
     }
     assert!(f.seen.lock().unwrap().is_empty());
     let r = call(&ep, Some(TOKEN), "POST", "/api/v1/modules/web01/stop", None).await;
@@ -471,11 +352,7 @@ async fn serve_listens_on_socket_and_tcp() {
     let paths = Paths::new(dir.path().join("home"), dir.path().join("state"));
     std::fs::create_dir_all(&paths.state_dir).unwrap();
     drop(std::os::unix::net::UnixListener::bind(paths.socket()).unwrap()); // stale socket
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let tcp: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let (control, p) = (f.control.clone(), paths.clone());
@@ -490,10 +367,7 @@ async fn serve_listens_on_socket_and_tcp() {
     let mut up = false;
     for _ in 0..500 {
         let c = Client::new(unix.clone(), None);
-        if tokio::task::spawn_blocking(move || c.get("/api/v1/modules").is_ok())
-            .await
-            .unwrap()
-        {
+        if tokio::task::spawn_blocking(move || c.get("/api/v1/modules").is_ok()).await.unwrap() {
             up = true;
             break;
         }
@@ -508,47 +382,14 @@ async fn serve_listens_on_socket_and_tcp() {
     let token = token.trim();
     assert_eq!(token.len(), 64);
     assert!(token.bytes().all(|b| b.is_ascii_hexdigit()));
-    assert_eq!(
-        std::fs::metadata(paths.api_token())
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777,
-        0o600
-    );
+    assert_eq!(std::fs::metadata(paths.api_token()).unwrap().permissions().mode() & 0o777, 0o600);
 
     // No token on the socket.
-    assert_eq!(
-        call(&unix, None, "POST", "/api/v1/modules/web01/stop", None)
-            .await
-            .status,
-        200
-    );
+    assert_eq!(call(&unix, None, "POST", "/api/v1/modules/web01/stop", None).await.status, 200);
     let tcp_ep = Endpoint::Tcp(tcp.to_string());
-    assert_eq!(
-        call(&tcp_ep, None, "POST", "/api/v1/modules/web01/stop", None)
-            .await
-            .status,
-        401
-    );
-    assert_eq!(
-        call(
-            &tcp_ep,
-            Some(token),
-            "POST",
-            "/api/v1/modules/web01/stop",
-            None
-        )
-        .await
-        .status,
-        200
-    );
-    assert_eq!(
-        call(&tcp_ep, None, "GET", "/health/web01", None)
-            .await
-            .status,
-        200
-    );
+    assert_eq!(call(&tcp_ep, None, "POST", "/api/v1/modules/web01/stop", None).await.status, 401);
+    assert_eq!(call(&tcp_ep, Some(token), "POST", "/api/v1/modules/web01/stop", None).await.status, 200);
+    assert_eq!(call(&tcp_ep, None, "GET", "/health/web01", None).await.status, 200);
 
     let second = serve(f.control.clone(), &paths, None, async {}).await;
     let e = second.unwrap_err();
@@ -556,11 +397,7 @@ async fn serve_listens_on_socket_and_tcp() {
     assert!(e.to_string().contains("another hamirror daemon"), "{e}");
 
     stop_tx.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(10), server)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), server).await.unwrap().unwrap().unwrap();
     assert!(!paths.socket().exists(), "the socket file is left behind");
 }
 

@@ -24,20 +24,11 @@ fn fixture() -> Fixture {
     let paths = Paths::new(dir.path().join("home"), dir.path().join("state"));
     fs::create_dir_all(paths.module_dir("web01").join("bin")).unwrap();
     let env = ScriptEnv::new(&paths, "web01", "hostA", Some("hostB"), &[]);
-    Fixture {
-        _dir: dir,
-        paths,
-        env,
-    }
+    Fixture { _dir: dir, paths, env }
 }
 
 fn check(ident: &str, kind: CheckKind, action: CheckAction) -> CheckConfig {
-    CheckConfig {
-        ident: ident.to_string(),
-        kind,
-        action,
-        interval: INTERVAL,
-    }
+    CheckConfig { ident: ident.to_string(), kind, action, interval: INTERVAL }
 }
 
 /// The next event within `within`, if any.
@@ -53,44 +44,22 @@ async fn tcp_checker_reports_once_after_listener_closes() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, mut rx) = mpsc::channel(8);
-    let kind = CheckKind::Tcp {
-        addr: addr.ip(),
-        port: addr.port(),
-    };
+    let kind = CheckKind::Tcp { addr: addr.ip(), port: addr.port() };
     let checks = [check("http", kind, CheckAction::Stopstart)];
     let set = spawn_checkers("web01", &f.paths, &f.env, &checks, tx);
     assert_eq!(set.len(), 1);
-    assert_eq!(
-        next(&mut rx, INTERVAL * 8).await,
-        None,
-        "a listening port is healthy"
-    );
+    assert_eq!(next(&mut rx, INTERVAL * 8).await, None, "a listening port is healthy");
 
     drop(listener);
-    let event = next(&mut rx, Duration::from_secs(5))
-        .await
-        .expect("a report");
-    assert_eq!(
-        event,
-        Event::CheckerFailed {
-            ident: "http".into(),
-            action: CheckAction::Stopstart
-        }
-    );
-    assert_eq!(
-        next(&mut rx, INTERVAL * 8).await,
-        None,
-        "reported only once"
-    );
+    let event = next(&mut rx, Duration::from_secs(5)).await.expect("a report");
+    assert_eq!(event, Event::CheckerFailed { ident: "http".into(), action: CheckAction::Stopstart });
+    assert_eq!(next(&mut rx, INTERVAL * 8).await, None, "reported only once");
     let log = fs::read_to_string(f.paths.module_log("web01")).unwrap();
     // The report came after the third failure in a row, not before.
     assert_eq!(CHECK_FAILURES_BEFORE_REPORT, 3);
     assert!(log.contains("checker http failed (1/3)"), "{log}");
     assert!(log.contains("checker http failed (2/3)"), "{log}");
-    assert!(
-        log.contains("checker http failed 3 times in a row"),
-        "{log}"
-    );
+    assert!(log.contains("checker http failed 3 times in a row"), "{log}");
     assert!(log.contains("asking for stopstart"), "{log}");
 }
 
@@ -99,22 +68,11 @@ async fn tcp_checker_reports_once_after_listener_closes() {
 async fn proc_checker_reports_missing_process() {
     let f = fixture();
     let (tx, mut rx) = mpsc::channel(8);
-    let kind = CheckKind::Proc {
-        name: "no-such-proc-zz".into(),
-        atleast: 1,
-    };
+    let kind = CheckKind::Proc { name: "no-such-proc-zz".into(), atleast: 1 };
     let checks = [check("app", kind, CheckAction::Restart)];
     let _set = spawn_checkers("web01", &f.paths, &f.env, &checks, tx);
-    let event = next(&mut rx, Duration::from_secs(5))
-        .await
-        .expect("a report");
-    assert_eq!(
-        event,
-        Event::CheckerFailed {
-            ident: "app".into(),
-            action: CheckAction::Restart
-        }
-    );
+    let event = next(&mut rx, Duration::from_secs(5)).await.expect("a report");
+    assert_eq!(event, Event::CheckerFailed { ident: "app".into(), action: CheckAction::Restart });
 }
 
 // A custom checker reports again after it recovered and failed anew; one that passes,
@@ -131,39 +89,17 @@ async fn custom_checker_reports_again_after_recovery() {
     fs::set_permissions(&ok, fs::Permissions::from_mode(0o755)).unwrap();
     let (tx, mut rx) = mpsc::channel(8);
     let checks = [
-        check(
-            "app",
-            CheckKind::Custom {
-                script: "check_app".into(),
-            },
-            CheckAction::Restart,
-        ),
-        check(
-            "ok",
-            CheckKind::Custom {
-                script: "check_ok".into(),
-            },
-            CheckAction::Restart,
-        ),
+        check("app", CheckKind::Custom { script: "check_app".into() }, CheckAction::Restart),
+        check("ok", CheckKind::Custom { script: "check_ok".into() }, CheckAction::Restart),
     ];
     let _set = spawn_checkers("web01", &f.paths, &f.env, &checks, tx);
-    let first = next(&mut rx, Duration::from_secs(5))
-        .await
-        .expect("first report");
-    assert_eq!(
-        first,
-        Event::CheckerFailed {
-            ident: "app".into(),
-            action: CheckAction::Restart
-        }
-    );
+    let first = next(&mut rx, Duration::from_secs(5)).await.expect("first report");
+    assert_eq!(first, Event::CheckerFailed { ident: "app".into(), action: CheckAction::Restart });
 
     fs::write(&flag, "").unwrap();
     assert_eq!(next(&mut rx, INTERVAL * 8).await, None);
     fs::remove_file(&flag).unwrap();
-    let second = next(&mut rx, Duration::from_secs(5))
-        .await
-        .expect("second report");
+    let second = next(&mut rx, Duration::from_secs(5)).await.expect("second report");
     assert_eq!(second, first);
     let log = fs::read_to_string(f.paths.module_log("web01")).unwrap();
     assert!(log.contains("checker app succeeds again"), "{log}");
@@ -181,28 +117,9 @@ async fn hanging_and_broken_checkers_fail_alone() {
     let addr = listener.local_addr().unwrap();
     let (tx, mut rx) = mpsc::channel(8);
     let checks = [
-        check(
-            "hang",
-            CheckKind::Custom {
-                script: "check_hang".into(),
-            },
-            CheckAction::Restart,
-        ),
-        check(
-            "gone",
-            CheckKind::Custom {
-                script: "no_such".into(),
-            },
-            CheckAction::Restart,
-        ),
-        check(
-            "tcp",
-            CheckKind::Tcp {
-                addr: addr.ip(),
-                port: addr.port(),
-            },
-            CheckAction::Restart,
-        ),
+        check("hang", CheckKind::Custom { script: "check_hang".into() }, CheckAction::Restart),
+        check("gone", CheckKind::Custom { script: "no_such".into() }, CheckAction::Restart),
+        check("tcp", CheckKind::Tcp { addr: addr.ip(), port: addr.port() }, CheckAction::Restart),
     ];
     let set = spawn_checkers("web01", &f.paths, &f.env, &checks, tx);
     let mut idents = Vec::new();
@@ -214,16 +131,8 @@ async fn hanging_and_broken_checkers_fail_alone() {
     }
     idents.sort();
     assert_eq!(idents, ["gone", "hang"]);
-    assert_eq!(
-        next(&mut rx, INTERVAL * 6).await,
-        None,
-        "the tcp checker stays healthy"
-    );
+    assert_eq!(next(&mut rx, INTERVAL * 6).await, None, "the tcp checker stays healthy");
     drop(set);
     drop(listener);
-    assert_eq!(
-        next(&mut rx, INTERVAL * 8).await,
-        None,
-        "dropping the set stops every checker"
-    );
+    assert_eq!(next(&mut rx, INTERVAL * 8).await, None, "dropping the set stops every checker");
 }

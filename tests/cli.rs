@@ -47,10 +47,7 @@ impl Node {
             .args(args)
             .env("HAMIRROR_HOME", self.home())
             .env("HAMIRROR_STATE_DIR", self.dir.path().join("state"))
-            .env(
-                "HAMIRROR_TEMPLATES",
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("app-modules"),
-            )
+            .env("HAMIRROR_TEMPLATES", Path::new(env!("CARGO_MANIFEST_DIR")).join("app-modules"))
             .env_remove("HAMIRROR_NODE")
             .env_remove("HAMIRROR_TOKEN")
             .output()
@@ -69,10 +66,7 @@ fn stderr(o: &Output) -> String {
 /// Exit code, and stderr which must be one `hamirror: ` line.
 fn failure(o: &Output) -> (i32, String) {
     let e = stderr(o);
-    assert!(
-        e.starts_with("hamirror: ") && e.ends_with('\n') && e.lines().count() == 1,
-        "{e:?}"
-    );
+    assert!(e.starts_with("hamirror: ") && e.ends_with('\n') && e.lines().count() == 1, "{e:?}");
     (o.status.code().unwrap(), e.trim_end().to_string())
 }
 
@@ -82,10 +76,7 @@ fn failure(o: &Output) -> (i32, String) {
 fn commands_fail_clearly_without_a_daemon() {
     let node = Node::new(true);
     let socket = node.paths().socket();
-    let expected = format!(
-        "hamirror: cannot reach the hamirror daemon at {} (is it running?)",
-        socket.display()
-    );
+    let expected = format!("hamirror: cannot reach the hamirror daemon at {} (is it running?)", socket.display());
     for args in [
         &["status"][..],
         &["status", "web01", "--json"],
@@ -103,10 +94,7 @@ fn commands_fail_clearly_without_a_daemon() {
     let o = node.run(&["--api", "127.0.0.1:1", "status"]);
     let (code, e) = failure(&o);
     assert_eq!(code, 1);
-    assert!(
-        e.contains("cannot reach the hamirror daemon at 127.0.0.1:1"),
-        "{e}"
-    );
+    assert!(e.contains("cannot reach the hamirror daemon at 127.0.0.1:1"), "{e}");
 }
 
 // genkey writes a 0600 key and prints its path; a second run refuses to overwrite it.
@@ -117,10 +105,7 @@ fn cluster_genkey_creates_once() {
     let o = node.run(&["cluster", "genkey"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stdout(&o).trim(), key.display().to_string());
-    assert_eq!(
-        fs::metadata(&key).unwrap().permissions().mode() & 0o777,
-        0o600
-    );
+    assert_eq!(fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
     let first = fs::read_to_string(&key).unwrap();
     assert_eq!(first.trim().len(), 64);
 
@@ -128,11 +113,7 @@ fn cluster_genkey_creates_once() {
     let (code, e) = failure(&o);
     assert_eq!(code, 1);
     assert!(e.contains("already exists"), "{e}");
-    assert_eq!(
-        fs::read_to_string(&key).unwrap(),
-        first,
-        "the key was overwritten"
-    );
+    assert_eq!(fs::read_to_string(&key).unwrap(), first, "the key was overwritten");
 }
 
 // Installing the mirror template names the copy, gives it the lowest free id, keeps the
@@ -148,33 +129,16 @@ fn module_install_template_assigns_names_and_ids() {
     assert!(out.contains("when it starts"), "{out}");
     let paths = node.paths();
     let config = fs::read_to_string(paths.userconfig("web01")).unwrap();
-    assert!(
-        config.contains(r#"<module name="web01" mode="mirror" id="1">"#),
-        "{config}"
-    );
-    assert!(
-        config.contains("APP_COMMAND"),
-        "the rest of the file is kept"
-    );
-    let mode = fs::metadata(paths.script("web01", "start_prim"))
-        .unwrap()
-        .permissions()
-        .mode();
+    assert!(config.contains(r#"<module name="web01" mode="mirror" id="1">"#), "{config}");
+    assert!(config.contains("APP_COMMAND"), "the rest of the file is kept");
+    let mode = fs::metadata(paths.script("web01", "start_prim")).unwrap().permissions().mode();
     assert_eq!(mode & 0o111, 0o111);
 
     let o = node.run(&["module", "install", "mirror", "--name", "app2"]);
-    assert!(
-        stdout(&o).contains("installed module app2 (id 2)"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stdout(&o).contains("installed module app2 (id 2)"), "{}", stderr(&o));
     // Without --name the template's own name is used.
     let o = node.run(&["module", "install", "mirror"]);
-    assert!(
-        stdout(&o).contains("installed module mirror (id 3)"),
-        "{}",
-        stderr(&o)
-    );
+    assert!(stdout(&o).contains("installed module mirror (id 3)"), "{}", stderr(&o));
 
     let o = node.run(&["module", "install", "mirror", "--name", "web01"]);
     let (code, e) = failure(&o);
@@ -189,18 +153,8 @@ fn module_install_template_assigns_names_and_ids() {
         .iter()
         .map(|m| {
             assert!(m["error"].is_null(), "{m}");
-            assert_eq!(
-                m["dir"].as_str().unwrap(),
-                paths
-                    .module_dir(m["name"].as_str().unwrap())
-                    .to_str()
-                    .unwrap()
-            );
-            (
-                m["name"].as_str().unwrap().into(),
-                m["id"].as_u64().unwrap(),
-                m["mode"].as_str().unwrap().into(),
-            )
+            assert_eq!(m["dir"].as_str().unwrap(), paths.module_dir(m["name"].as_str().unwrap()).to_str().unwrap());
+            (m["name"].as_str().unwrap().into(), m["id"].as_u64().unwrap(), m["mode"].as_str().unwrap().into())
         })
         .collect();
     assert_eq!(
@@ -220,31 +174,17 @@ fn module_install_refuses_invalid_modules() {
     let node = Node::new(true);
     let src = node.dir.path().join("src-module");
     fs::create_dir_all(&src).unwrap();
-    fs::write(
-        src.join("userconfig.xml"),
-        r#"<module name="x1" id="auto"><heart pulse="fast"/></module>"#,
-    )
-    .unwrap();
+    fs::write(src.join("userconfig.xml"), r#"<module name="x1" id="auto"><heart pulse="fast"/></module>"#).unwrap();
     let o = node.run(&["module", "install", src.to_str().unwrap()]);
     let (code, e) = failure(&o);
     assert_eq!(code, 1);
-    assert!(
-        e.contains("module x1 is refused") && e.contains("pulse"),
-        "{e}"
-    );
-    assert!(
-        !node.paths().module_dir("x1").exists(),
-        "the refused copy was kept"
-    );
+    assert!(e.contains("module x1 is refused") && e.contains("pulse"), "{e}");
+    assert!(!node.paths().module_dir("x1").exists(), "the refused copy was kept");
 
     let o = node.run(&["module", "install", "no-such-template"]);
     let (code, e) = failure(&o);
     assert_eq!(code, 1);
-    assert!(
-        e.contains("no module directory or template named no-such-template")
-            && e.contains("mirror"),
-        "{e}"
-    );
+    assert!(e.contains("no module directory or template named no-such-template") && e.contains("mirror"), "{e}");
 
     let o = node.run(&["module", "install", "mirror", "--name", "../evil"]);
     assert!(failure(&o).1.contains("not a valid module name"));
@@ -271,10 +211,7 @@ fn module_remove_checks_the_name() {
         assert_eq!(code, 1);
         assert!(e.contains(words), "{e}");
     }
-    assert!(node
-        .run(&["module", "install", "mirror", "--name", "web01"])
-        .status
-        .success());
+    assert!(node.run(&["module", "install", "mirror", "--name", "web01"]).status.success());
     let o = node.run(&["module", "remove", "web01"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(!node.paths().module_dir("web01").exists());
@@ -284,10 +221,7 @@ fn module_remove_checks_the_name() {
 #[test]
 fn log_reads_the_files_without_a_daemon() {
     let node = Node::new(true);
-    assert!(node
-        .run(&["module", "install", "mirror", "--name", "web01"])
-        .status
-        .success());
+    assert!(node.run(&["module", "install", "mirror", "--name", "web01"]).status.success());
     let paths = node.paths();
     fs::create_dir_all(paths.log_dir()).unwrap();
     fs::write(paths.module_log("web01"), "a\nb\nc\n").unwrap();
@@ -305,10 +239,7 @@ fn snapshot(state: State) -> Snapshot {
         transition: None,
         wait_reason: None,
         role: Role::None,
-        lans: vec![LanStatus {
-            name: "default".into(),
-            up: true,
-        }],
+        lans: vec![LanStatus { name: "default".into(), up: true }],
         peer: None,
         generation: None,
         in_sync: false,
@@ -335,11 +266,7 @@ fn handle(name: &str, snap: Snapshot, seen: Arc<Mutex<Vec<AdminCommand>>>) -> Mo
         status: None,
         error: None,
     };
-    ModuleHandle {
-        view,
-        snapshot: snap_rx,
-        commands: cmd_tx,
-    }
+    ModuleHandle { view, snapshot: snap_rx, commands: cmd_tx }
 }
 
 // With a daemon on the socket: `state` exits with the state's code, `status` prints the
@@ -353,16 +280,9 @@ fn client_commands_talk_to_the_daemon() {
     let mut waiting = snapshot(State::Wait);
     waiting.wait_reason = Some(WaitReason::StaleData);
     let control = rt.block_on(async {
-        let mut c = Control {
-            node: "hostA".into(),
-            ..Control::default()
-        };
-        c.running.insert(
-            "web01".into(),
-            handle("web01", snapshot(State::Prim), seen.clone()),
-        );
-        c.running
-            .insert("db".into(), handle("db", waiting, seen.clone()));
+        let mut c = Control { node: "hostA".into(), ..Control::default() };
+        c.running.insert("web01".into(), handle("web01", snapshot(State::Prim), seen.clone()));
+        c.running.insert("db".into(), handle("db", waiting, seen.clone()));
         let (reload_tx, mut reload_rx) = mpsc::channel::<oneshot::Sender<ReloadReport>>(1);
         tokio::spawn(async move {
             while let Some(reply) = reload_rx.recv().await {
@@ -393,35 +313,17 @@ fn client_commands_talk_to_the_daemon() {
     let o = node.run(&["state", "web01", "--quiet"]);
     assert_eq!((o.status.code(), stdout(&o)), (Some(3), String::new()));
     let o = node.run(&["state", "db"]);
-    assert_eq!(
-        (o.status.code(), stdout(&o)),
-        (Some(1), "WAIT\n".to_string())
-    );
+    assert_eq!((o.status.code(), stdout(&o)), (Some(1), "WAIT\n".to_string()));
     let o = node.run(&["state", "nope", "-q"]);
-    assert_eq!(
-        failure(&o),
-        (6, "hamirror: no module named nope is installed".to_string())
-    );
+    assert_eq!(failure(&o), (6, "hamirror: no module named nope is installed".to_string()));
 
     let o = node.run(&["status"]);
     let out = stdout(&o);
     let lines: Vec<&str> = out.lines().collect();
-    assert!(
-        lines[0].starts_with("MODULE") && lines[0].contains("PEER STATE"),
-        "{out}"
-    );
-    assert!(
-        lines[1].starts_with("db") && lines[1].contains("WAIT") && lines[1].contains("1/1"),
-        "{out}"
-    );
-    assert!(
-        lines[2].starts_with("    ") && lines[2].contains("older than the peer's"),
-        "{out}"
-    );
-    assert!(
-        lines[3].starts_with("web01") && lines[3].contains("PRIM"),
-        "{out}"
-    );
+    assert!(lines[0].starts_with("MODULE") && lines[0].contains("PEER STATE"), "{out}");
+    assert!(lines[1].starts_with("db") && lines[1].contains("WAIT") && lines[1].contains("1/1"), "{out}");
+    assert!(lines[2].starts_with("    ") && lines[2].contains("older than the peer's"), "{out}");
+    assert!(lines[3].starts_with("web01") && lines[3].contains("PRIM"), "{out}");
     let o = node.run(&["status", "web01", "--json"]);
     let v: ModuleView = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v.status.unwrap().state, State::Prim);
@@ -429,22 +331,13 @@ fn client_commands_talk_to_the_daemon() {
     let o = node.run(&["prim", "db", "--force"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("db: prim accepted"));
-    assert_eq!(
-        seen.lock().unwrap().clone(),
-        [AdminCommand::Prim { force: true }]
-    );
+    assert_eq!(seen.lock().unwrap().clone(), [AdminCommand::Prim { force: true }]);
 
-    assert!(node
-        .run(&["module", "install", "mirror", "--name", "web01"])
-        .status
-        .success());
+    assert!(node.run(&["module", "install", "mirror", "--name", "web01"]).status.success());
     let o = node.run(&["module", "remove", "web01"]);
     let (code, e) = failure(&o);
     assert_eq!(code, 1);
-    assert!(
-        e.contains("module web01 is PRIM on this node: stop it first"),
-        "{e}"
-    );
+    assert!(e.contains("module web01 is PRIM on this node: stop it first"), "{e}");
     assert!(paths.module_dir("web01").exists());
 
     stop_tx.send(()).unwrap();

@@ -94,17 +94,8 @@ fn design_cluster_example_parses() {
     assert_eq!(c.name, "pair1");
     assert_eq!(c.lans.len(), 2);
     assert_eq!(c.lans[0].name, "default");
-    assert_eq!(
-        c.lans[1].nodes[1],
-        LanNode {
-            name: "hostB".into(),
-            addr: ip("10.0.0.11")
-        }
-    );
-    assert_eq!(
-        c.node_names(),
-        vec!["hostA".to_string(), "hostB".to_string()]
-    );
+    assert_eq!(c.lans[1].nodes[1], LanNode { name: "hostB".into(), addr: ip("10.0.0.11") });
+    assert_eq!(c.node_names(), vec!["hostA".to_string(), "hostB".to_string()]);
     assert_eq!(c.addr("replication", "hostA"), Some(ip("10.0.0.10")));
     assert_eq!(c.addr("default", "hostC"), None);
     assert_eq!(c.addr("nolan", "hostA"), None);
@@ -138,12 +129,7 @@ fn design_userconfig_example_parses() {
             loop_interval: Duration::from_secs(86400),
         }
     );
-    assert_eq!(
-        m.splitbrain,
-        Some(SplitBrainConfig {
-            witnesses: vec![ip("192.168.1.1"), ip("192.168.1.2")]
-        })
-    );
+    assert_eq!(m.splitbrain, Some(SplitBrainConfig { witnesses: vec![ip("192.168.1.1"), ip("192.168.1.2")] }));
     assert_eq!(
         m.rfs,
         Some(RfsConfig {
@@ -159,11 +145,7 @@ fn design_userconfig_example_parses() {
     );
     assert_eq!(
         m.vm,
-        Some(VmConfig {
-            name: "web01".into(),
-            uri: "qemu:///system".into(),
-            stop_timeout: Duration::from_secs(120),
-        })
+        Some(VmConfig { name: "web01".into(), uri: "qemu:///system".into(), stop_timeout: Duration::from_secs(120) })
     );
     assert_eq!(
         m.user,
@@ -179,19 +161,13 @@ fn design_userconfig_example_parses() {
         vec![
             CheckConfig {
                 ident: "nginx".into(),
-                kind: CheckKind::Proc {
-                    name: "nginx".into(),
-                    atleast: 1
-                },
+                kind: CheckKind::Proc { name: "nginx".into(), atleast: 1 },
                 action: CheckAction::Restart,
                 interval: Duration::from_secs(1),
             },
             CheckConfig {
                 ident: "http".into(),
-                kind: CheckKind::Tcp {
-                    addr: ip("127.0.0.1"),
-                    port: 80
-                },
+                kind: CheckKind::Tcp { addr: ip("127.0.0.1"), port: 80 },
                 action: CheckAction::Stopstart,
                 interval: Duration::from_secs(1),
             },
@@ -207,10 +183,7 @@ fn minimal_module_gets_documented_defaults() {
     assert_eq!(m.heartbeat_port(), PORT_BASE + 28);
     assert_eq!(m.heart.pulse, Duration::from_millis(700));
     assert_eq!(m.heart.timeout, Duration::from_secs(30));
-    assert_eq!(
-        m.heart.lans,
-        vec!["default".to_string(), "replication".to_string()]
-    );
+    assert_eq!(m.heart.lans, vec!["default".to_string(), "replication".to_string()]);
     assert_eq!(
         m.failover,
         FailoverConfig {
@@ -245,10 +218,7 @@ fn element_defaults_fill_missing_attributes() {
     .expect("valid");
     assert_eq!(m.heart.lans, vec!["replication".to_string()]);
     assert_eq!(m.failover.defaultprim, DefaultPrim::Alone);
-    assert_eq!(
-        m.splitbrain, None,
-        "an empty witness list means no split-brain checker"
-    );
+    assert_eq!(m.splitbrain, None, "an empty witness list means no split-brain checker");
     let rfs = m.rfs.expect("rfs");
     assert_eq!(rfs.lan, "replication");
     assert_eq!(rfs.sync, SyncMode::Sync);
@@ -258,26 +228,12 @@ fn element_defaults_fill_missing_attributes() {
     let vm = m.vm.expect("vm");
     assert_eq!(vm.uri, "qemu:///system");
     assert_eq!(vm.stop_timeout, Duration::from_secs(120));
-    assert_eq!(
-        m.user.vars,
-        vec![("MODE".into(), "prod".into()), ("_x".into(), String::new())]
-    );
+    assert_eq!(m.user.vars, vec![("MODE".into(), "prod".into()), ("_x".into(), String::new())]);
     assert_eq!(m.checks[0].ident, "postgres");
-    assert_eq!(
-        m.checks[0].kind,
-        CheckKind::Proc {
-            name: "postgres".into(),
-            atleast: 1
-        }
-    );
+    assert_eq!(m.checks[0].kind, CheckKind::Proc { name: "postgres".into(), atleast: 1 });
     assert_eq!(m.checks[0].action, CheckAction::Restart);
     assert_eq!(m.checks[0].interval, Duration::from_secs(1));
-    assert_eq!(
-        m.checks[1].kind,
-        CheckKind::Custom {
-            script: "check_db".into()
-        }
-    );
+    assert_eq!(m.checks[1].kind, CheckKind::Custom { script: "check_db".into() });
 }
 
 #[test]
@@ -303,34 +259,22 @@ fn other_accepted_values() {
     assert_eq!(m.failover.defaultprim, DefaultPrim::Node("hostB".into()));
     assert_eq!(m.failover.maxloop, 0);
     assert_eq!(m.failover.loop_interval, Duration::from_secs(5400));
-    assert_eq!(
-        m.splitbrain.expect("witnesses").witnesses,
-        vec![ip("10.9.9.9"), ip("fd00::1")]
-    );
+    assert_eq!(m.splitbrain.expect("witnesses").witnesses, vec![ip("10.9.9.9"), ip("fd00::1")]);
     let rfs = m.rfs.expect("rfs");
     assert_eq!(rfs.sync, SyncMode::Async);
     assert_eq!(rfs.lan, "default");
     assert_eq!(rfs.zone_bytes, 64 << 10);
     assert_eq!(rfs.bandwidth_bytes_per_s, 100 << 20);
     assert_eq!(rfs.replicated[0].dir, PathBuf::from("/data/a"));
-    assert_eq!(
-        rfs.replicated[0].notreplicated,
-        vec![PathBuf::from("tmp"), PathBuf::from("logs")]
-    );
-    assert_eq!(
-        rfs.replicated[1].notreplicated,
-        vec![PathBuf::from("cache")]
-    );
+    assert_eq!(rfs.replicated[0].notreplicated, vec![PathBuf::from("tmp"), PathBuf::from("logs")]);
+    assert_eq!(rfs.replicated[1].notreplicated, vec![PathBuf::from("cache")]);
     assert_eq!(m.vm.expect("vm").uri, "qemu+ssh://hv1/system");
     assert_eq!(m.user.starttimeout, Duration::from_secs(3600));
     assert_eq!(
         m.checks[0],
         CheckConfig {
             ident: "pg".into(),
-            kind: CheckKind::Proc {
-                name: "postgres".into(),
-                atleast: 2
-            },
+            kind: CheckKind::Proc { name: "postgres".into(), atleast: 2 },
             action: CheckAction::Stopstart,
             interval: Duration::from_secs(5),
         }
@@ -345,13 +289,9 @@ fn farm_modules_run_on_any_number_of_nodes() {
     let farm = r#"<module name="lb" mode="farm" id="2"/>"#;
     let m = parse_module(farm, Path::new(MODULE_FILE), &three_nodes()).expect("valid");
     assert_eq!(m.mode, ModuleMode::Farm);
-    let e = parse_module(
-        r#"<module name="m" id="2"/>"#,
-        Path::new(MODULE_FILE),
-        &three_nodes(),
-    )
-    .expect_err("mirror on 3 nodes")
-    .to_string();
+    let e = parse_module(r#"<module name="m" id="2"/>"#, Path::new(MODULE_FILE), &three_nodes())
+        .expect_err("mirror on 3 nodes")
+        .to_string();
     assert_eq!(
         e,
         format!(
@@ -359,9 +299,7 @@ fn farm_modules_run_on_any_number_of_nodes() {
              found 3 (n1, n2, n3) (mode defaults to mirror; use mode=\"farm\" for a module on more nodes)"
         )
     );
-    let e = module_err(
-        "<module name=\"lb\" mode=\"farm\" id=\"2\">\n<rfs><replicated dir=\"/x\"/></rfs>\n</module>",
-    );
+    let e = module_err("<module name=\"lb\" mode=\"farm\" id=\"2\">\n<rfs><replicated dir=\"/x\"/></rfs>\n</module>");
     assert_eq!(
         e,
         format!(
@@ -394,22 +332,15 @@ fn duration_without_unit_names_file_line_element_attribute() {
         )
     );
     let e = module_err(&with_body(r#"<vm name="v" stop_timeout="-3s"/>"#));
-    assert!(
-        e.ends_with("found \"-3s\" (negative values are not allowed)"),
-        "{e}"
-    );
-    let e = module_err(&with_body(
-        r#"<vm name="v" stop_timeout="99999999999999999999s"/>"#,
-    ));
+    assert!(e.ends_with("found \"-3s\" (negative values are not allowed)"), "{e}");
+    let e = module_err(&with_body(r#"<vm name="v" stop_timeout="99999999999999999999s"/>"#));
     assert!(e.ends_with("(the value is too large)"), "{e}");
 }
 
 #[test]
 fn misspelt_attribute_gets_a_suggestion() {
     // An unknown attribute lists the accepted ones and suggests the nearest.
-    let e = module_err(&with_body(
-        "\n  <heart pulse=\"700ms\"\n         timout=\"30s\"/>",
-    ));
+    let e = module_err(&with_body("\n  <heart pulse=\"700ms\"\n         timout=\"30s\"/>"));
     assert_eq!(
         e,
         format!(
@@ -426,10 +357,7 @@ fn misspelt_attribute_gets_a_suggestion() {
         )
     );
     let e = module_err(&with_body(r#"<check foo="1"/>"#));
-    assert_eq!(
-        e,
-        format!("{MODULE_FILE}:2: unknown attribute \"foo\" on <check>, expected no attributes")
-    );
+    assert_eq!(e, format!("{MODULE_FILE}:2: unknown attribute \"foo\" on <check>, expected no attributes"));
 }
 
 #[test]
@@ -459,21 +387,14 @@ fn misspelt_element_gets_a_suggestion() {
              (did you mean <module>?)"
         )
     );
-    let e = module_err(&with_body(
-        r#"<heart><lan name="default"><x/></lan></heart>"#,
-    ));
-    assert_eq!(
-        e,
-        format!("{MODULE_FILE}:2: unknown element <x> in <lan>, expected no child elements")
-    );
+    let e = module_err(&with_body(r#"<heart><lan name="default"><x/></lan></heart>"#));
+    assert_eq!(e, format!("{MODULE_FILE}:2: unknown element <x> in <lan>, expected no child elements"));
 }
 
 #[test]
 fn vm_check_says_not_supported_yet() {
     // The DESIGN.md `<vm>` check is refused with a message saying vm checks come later.
-    let e = module_err(&with_body(
-        "<check>\n  <vm ident=\"web01\" action=\"restart\"/>\n</check>",
-    ));
+    let e = module_err(&with_body("<check>\n  <vm ident=\"web01\" action=\"restart\"/>\n</check>"));
     assert_eq!(
         e,
         format!(
@@ -490,10 +411,7 @@ fn malformed_xml_reports_the_parser_line() {
     assert_eq!(e.kind, ConfigErrorKind::Xml);
     assert_eq!(e.line, Some(4));
     let s = e.to_string();
-    assert!(
-        s.starts_with(&format!("{MODULE_FILE}:4: malformed XML: ")),
-        "{s}"
-    );
+    assert!(s.starts_with(&format!("{MODULE_FILE}:4: malformed XML: ")), "{s}");
 
     let e = module("<module name=\"web01\" id=\"1\">\n<heart>\n").expect_err("unclosed");
     assert_eq!(
@@ -503,18 +421,13 @@ fn malformed_xml_reports_the_parser_line() {
     let e = module("<module name=\"a\" id=\"1\" id=\"2\"/>").expect_err("dup attr");
     assert!(e.to_string().contains("duplicated attribute"), "{e}");
     let e = module("<module name=\"a&bogus;\" id=\"1\"/>").expect_err("bad entity");
-    assert!(
-        e.to_string()
-            .starts_with(&format!("{MODULE_FILE}:1: malformed XML: ")),
-        "{e}"
-    );
+    assert!(e.to_string().starts_with(&format!("{MODULE_FILE}:1: malformed XML: ")), "{e}");
     let e = module("").expect_err("empty");
     assert_eq!(
         e.to_string(),
         format!("{MODULE_FILE}:1: malformed XML: the file has no root element, expected <module>")
     );
-    let e = module("<module name=\"a\" id=\"1\"/>\n<module name=\"b\" id=\"2\"/>")
-        .expect_err("2 roots");
+    let e = module("<module name=\"a\" id=\"1\"/>\n<module name=\"b\" id=\"2\"/>").expect_err("2 roots");
     assert_eq!(e.line, Some(2));
     let e = module(&with_body("<heart>fast</heart>")).expect_err("text");
     assert_eq!(
@@ -537,30 +450,18 @@ fn missing_and_unreadable_files_name_the_path() {
     let e = load_module(&dir.path().join("nope.xml"), &cluster()).expect_err("missing");
     assert!(e.to_string().ends_with("nope.xml: file not found"), "{e}");
 
-    std::fs::write(
-        &path,
-        b"<cluster name=\"c\">\n<lan name=\"\xff\"/>\n</cluster>",
-    )
-    .expect("write");
+    std::fs::write(&path, b"<cluster name=\"c\">\n<lan name=\"\xff\"/>\n</cluster>").expect("write");
     let e = load_cluster(&path).expect_err("not utf-8");
     assert_eq!(
         e.to_string(),
-        format!(
-            "{}:2: malformed XML: the file is not UTF-8 text (save it as UTF-8)",
-            path.display()
-        )
+        format!("{}:2: malformed XML: the file is not UTF-8 text (save it as UTF-8)", path.display())
     );
 
     std::fs::write(&path, CLUSTER_XML).expect("write");
     assert_eq!(load_cluster(&path).expect("valid"), cluster());
     let upath = dir.path().join("userconfig.xml");
     std::fs::write(&upath, format!("\u{feff}{USERCONFIG_XML}")).expect("write");
-    assert_eq!(
-        load_module(&upath, &cluster())
-            .expect("valid with BOM")
-            .name,
-        "web01"
-    );
+    assert_eq!(load_module(&upath, &cluster()).expect("valid with BOM").name, "web01");
 }
 
 #[test]
@@ -569,9 +470,7 @@ fn module_root_attributes_are_checked() {
     let e = module_err(r#"<module name="web01"/>"#);
     assert_eq!(
         e,
-        format!(
-            "{MODULE_FILE}:1: <module>: missing attribute \"id\", expected a whole number from 1 to 1000"
-        )
+        format!("{MODULE_FILE}:1: <module>: missing attribute \"id\", expected a whole number from 1 to 1000")
     );
     for bad in ["0", "1001", "-1", "+1", "1.0", "x", ""] {
         let e = module_err(&format!(r#"<module name="web01" id="{bad}"/>"#));
@@ -617,9 +516,7 @@ fn heart_rules() {
     let e = module_err(&with_body(r#"<heart pulse="10ms"/>"#));
     assert_eq!(
         e,
-        format!(
-            "{MODULE_FILE}:2: <heart> attribute \"pulse\": expected a duration of at least 50ms, found \"10ms\""
-        )
+        format!("{MODULE_FILE}:2: <heart> attribute \"pulse\": expected a duration of at least 50ms, found \"10ms\"")
     );
     let e = module_err(&with_body(r#"<heart pulse="1s" timeout="1500ms"/>"#));
     assert_eq!(
@@ -630,13 +527,8 @@ fn heart_rules() {
         )
     );
     let e = module_err(&with_body(r#"<heart pulse="20s"/>"#));
-    assert!(
-        e.contains("<heart> attribute \"pulse\": expected at most half the timeout (15s or less"),
-        "{e}"
-    );
-    let e = module_err(&with_body(
-        "<heart>\n  <lan name=\"replicaton\"/>\n</heart>",
-    ));
+    assert!(e.contains("<heart> attribute \"pulse\": expected at most half the timeout (15s or less"), "{e}");
+    let e = module_err(&with_body("<heart>\n  <lan name=\"replicaton\"/>\n</heart>"));
     assert_eq!(
         e,
         format!(
@@ -644,9 +536,7 @@ fn heart_rules() {
              replication), found \"replicaton\" (did you mean \"replication\"?)"
         )
     );
-    let e = module_err(&with_body(
-        "<heart>\n<lan name=\"default\"/>\n<lan name=\"default\"/></heart>",
-    ));
+    let e = module_err(&with_body("<heart>\n<lan name=\"default\"/>\n<lan name=\"default\"/></heart>"));
     assert_eq!(
         e,
         format!(
@@ -680,10 +570,7 @@ fn failover_rules() {
     let e = module_err(&with_body(r#"<failover defaultprim="lastprm"/>"#));
     assert!(e.ends_with("(did you mean \"lastprim\"?)"), "{e}");
     let e = module_err(&with_body(r#"<failover maxloop="three"/>"#));
-    assert!(
-        e.contains("expected a whole number from 0 to 1000, found \"three\""),
-        "{e}"
-    );
+    assert!(e.contains("expected a whole number from 0 to 1000, found \"three\""), "{e}");
     let e = module_err(&with_body(r#"<failover loop_interval="1d"/>"#));
     assert!(e.ends_with("found \"1d\" (did you mean \"24h\"?)"), "{e}");
 }
@@ -691,12 +578,7 @@ fn failover_rules() {
 #[test]
 fn splitbrain_rules() {
     // The witness list holds IP addresses, each once; empty or absent means no checker.
-    assert_eq!(
-        module(&with_body("<splitbrain/>"))
-            .expect("valid")
-            .splitbrain,
-        None
-    );
+    assert_eq!(module(&with_body("<splitbrain/>")).expect("valid").splitbrain, None);
     let e = module_err(&with_body(r#"<splitbrain witness="192.168.1.1 router"/>"#));
     assert_eq!(
         e,
@@ -714,9 +596,7 @@ fn splitbrain_rules() {
 #[test]
 fn rfs_sizes_and_lan() {
     // zone is a power of two in 4KiB..64MiB, sizes suggest binary units, lan must exist.
-    let e = module_err(&with_body(
-        r#"<rfs zone="1MB"><replicated dir="/a"/></rfs>"#,
-    ));
+    let e = module_err(&with_body(r#"<rfs zone="1MB"><replicated dir="/a"/></rfs>"#));
     assert_eq!(
         e,
         format!(
@@ -725,9 +605,7 @@ fn rfs_sizes_and_lan() {
         )
     );
     for bad in ["3MiB", "2KiB", "128MiB", "0"] {
-        let e = module_err(&with_body(&format!(
-            r#"<rfs zone="{bad}"><replicated dir="/a"/></rfs>"#
-        )));
+        let e = module_err(&with_body(&format!(r#"<rfs zone="{bad}"><replicated dir="/a"/></rfs>"#)));
         assert_eq!(
             e,
             format!(
@@ -737,52 +615,28 @@ fn rfs_sizes_and_lan() {
         );
     }
     assert_eq!(
-        module(&with_body(
-            r#"<rfs zone="4096"><replicated dir="/a"/></rfs>"#
-        ))
-        .expect("valid")
-        .rfs
-        .expect("rfs")
-        .zone_bytes,
+        module(&with_body(r#"<rfs zone="4096"><replicated dir="/a"/></rfs>"#))
+            .expect("valid")
+            .rfs
+            .expect("rfs")
+            .zone_bytes,
         4096
     );
-    let e = module_err(&with_body(
-        r#"<rfs bandwidth="10Mb/s"><replicated dir="/a"/></rfs>"#,
-    ));
-    assert!(
-        e.ends_with("found \"10Mb/s\" (did you mean \"10MiB\"?)"),
-        "{e}"
-    );
-    let e = module_err(&with_body(
-        r#"<rfs lan="defualt"><replicated dir="/a"/></rfs>"#,
-    ));
-    assert!(
-        e.ends_with("found \"defualt\" (did you mean \"default\"?)"),
-        "{e}"
-    );
-    let e = module_err(&with_body(
-        r#"<rfs sync="synchronous"><replicated dir="/a"/></rfs>"#,
-    ));
-    assert!(
-        e.contains("expected sync or async, found \"synchronous\""),
-        "{e}"
-    );
+    let e = module_err(&with_body(r#"<rfs bandwidth="10Mb/s"><replicated dir="/a"/></rfs>"#));
+    assert!(e.ends_with("found \"10Mb/s\" (did you mean \"10MiB\"?)"), "{e}");
+    let e = module_err(&with_body(r#"<rfs lan="defualt"><replicated dir="/a"/></rfs>"#));
+    assert!(e.ends_with("found \"defualt\" (did you mean \"default\"?)"), "{e}");
+    let e = module_err(&with_body(r#"<rfs sync="synchronous"><replicated dir="/a"/></rfs>"#));
+    assert!(e.contains("expected sync or async, found \"synchronous\""), "{e}");
     let e = module_err(&with_body("<rfs/>"));
-    assert_eq!(
-        e,
-        format!(
-            "{MODULE_FILE}:2: <rfs>: expected at least one <replicated dir=\"/...\"/>, found none"
-        )
-    );
+    assert_eq!(e, format!("{MODULE_FILE}:2: <rfs>: expected at least one <replicated dir=\"/...\"/>, found none"));
 }
 
 #[test]
 fn rfs_directory_rules() {
     // Replicated dirs are absolute, not /, without .., not nested; notreplicated paths resolve.
     for bad in ["relative/dir", "/", "//", "/a/../b", ""] {
-        let e = module_err(&with_body(&format!(
-            r#"<rfs><replicated dir="{bad}"/></rfs>"#
-        )));
+        let e = module_err(&with_body(&format!(r#"<rfs><replicated dir="{bad}"/></rfs>"#)));
         assert_eq!(
             e,
             format!(
@@ -791,9 +645,7 @@ fn rfs_directory_rules() {
             )
         );
     }
-    let e = module_err(&with_body(
-        "<rfs>\n<replicated dir=\"/data\"/>\n<replicated dir=\"/data/sub\"/>\n</rfs>",
-    ));
+    let e = module_err(&with_body("<rfs>\n<replicated dir=\"/data\"/>\n<replicated dir=\"/data/sub\"/>\n</rfs>"));
     assert_eq!(
         e,
         format!(
@@ -801,19 +653,12 @@ fn rfs_directory_rules() {
              nor containing another replicated directory, found \"/data/sub\" (it is inside /data (line 3))"
         )
     );
-    let e = module_err(&with_body(
-        "<rfs>\n<replicated dir=\"/data/sub\"/>\n<replicated dir=\"/data\"/>\n</rfs>",
-    ));
+    let e = module_err(&with_body("<rfs>\n<replicated dir=\"/data/sub\"/>\n<replicated dir=\"/data\"/>\n</rfs>"));
     assert!(e.ends_with("(it contains /data/sub (line 3))"), "{e}");
-    let e = module_err(&with_body(
-        "<rfs>\n<replicated dir=\"/data\"/>\n<replicated dir=\"/data/\"/>\n</rfs>",
-    ));
+    let e = module_err(&with_body("<rfs>\n<replicated dir=\"/data\"/>\n<replicated dir=\"/data/\"/>\n</rfs>"));
     assert!(e.ends_with("(it is already listed on line 3)"), "{e}");
     // /data and /database are siblings, not nested.
-    assert!(module(&with_body(
-        r#"<rfs><replicated dir="/data"/><replicated dir="/database"/></rfs>"#
-    ))
-    .is_ok());
+    assert!(module(&with_body(r#"<rfs><replicated dir="/data"/><replicated dir="/database"/></rfs>"#)).is_ok());
 
     let e = module_err(&with_body(
         "<rfs>\n<replicated dir=\"/a\"/>\n<replicated dir=\"/b\"/>\n<notreplicated path=\"cache\"/>\n</rfs>",
@@ -825,20 +670,11 @@ fn rfs_directory_rules() {
              one of the replicated directories (/a, /b), without \"..\", found \"cache\""
         )
     );
-    let e = module_err(&with_body(
-        r#"<rfs><replicated dir="/a"/><notreplicated path="/elsewhere/x"/></rfs>"#,
-    ));
-    assert!(
-        e.contains("expected a path relative to /a (or absolute inside it)"),
-        "{e}"
-    );
-    let e = module_err(&with_body(
-        r#"<rfs><replicated dir="/a"><notreplicated path="../etc"/></replicated></rfs>"#,
-    ));
+    let e = module_err(&with_body(r#"<rfs><replicated dir="/a"/><notreplicated path="/elsewhere/x"/></rfs>"#));
+    assert!(e.contains("expected a path relative to /a (or absolute inside it)"), "{e}");
+    let e = module_err(&with_body(r#"<rfs><replicated dir="/a"><notreplicated path="../etc"/></replicated></rfs>"#));
     assert!(e.ends_with("found \"../etc\""), "{e}");
-    let e = module_err(&with_body(
-        r#"<rfs><replicated dir="/a"><notreplicated path="/a"/></replicated></rfs>"#,
-    ));
+    let e = module_err(&with_body(r#"<rfs><replicated dir="/a"><notreplicated path="/a"/></replicated></rfs>"#));
     assert!(e.ends_with("found \"/a\""), "{e}");
     let e = module_err(&with_body(
         r#"<rfs><replicated dir="/a"><notreplicated path="x"/></replicated><notreplicated path="/a/x/"/></rfs>"#,
@@ -855,13 +691,8 @@ fn vm_and_user_rules() {
         format!("{MODULE_FILE}:2: <vm>: missing attribute \"name\", expected a libvirt domain name (no '/')")
     );
     let e = module_err(&with_body(r#"<vm name="a" uri="qemu"/>"#));
-    assert!(
-        e.contains("expected a libvirt URI such as qemu:///system, found \"qemu\""),
-        "{e}"
-    );
-    let e = module_err(&with_body(
-        r#"<user><var name="HAMIRROR_NODE" value="x"/></user>"#,
-    ));
+    assert!(e.contains("expected a libvirt URI such as qemu:///system, found \"qemu\""), "{e}");
+    let e = module_err(&with_body(r#"<user><var name="HAMIRROR_NODE" value="x"/></user>"#));
     assert_eq!(
         e,
         format!(
@@ -870,22 +701,15 @@ fn vm_and_user_rules() {
         )
     );
     for bad in ["1X", "A-B", ""] {
-        let e = module_err(&with_body(&format!(
-            r#"<user><var name="{bad}" value="x"/></user>"#
-        )));
+        let e = module_err(&with_body(&format!(r#"<user><var name="{bad}" value="x"/></user>"#)));
         assert!(e.contains(&format!("found \"{bad}\"")), "{e}");
     }
     let e = module_err(&with_body(r#"<user><var name="A"/></user>"#));
     assert!(e.contains("<var>: missing attribute \"value\""), "{e}");
-    let e = module_err(&with_body(
-        "<user>\n<var name=\"A\" value=\"1\"/>\n<var name=\"A\" value=\"2\"/></user>",
-    ));
+    let e = module_err(&with_body("<user>\n<var name=\"A\" value=\"1\"/>\n<var name=\"A\" value=\"2\"/></user>"));
     assert!(e.ends_with("(A is already set on line 3)"), "{e}");
     let e = module_err(&with_body(r#"<user nicestoptimeout="0s"/>"#));
-    assert!(
-        e.contains("expected a duration of at least 1s, found \"0s\""),
-        "{e}"
-    );
+    assert!(e.contains("expected a duration of at least 1s, found \"0s\""), "{e}");
 }
 
 #[test]
@@ -901,9 +725,7 @@ fn check_rules() {
              found \"nginx\" (the <proc> check on line 3 is already \"nginx\")"
         )
     );
-    let e = module_err(&with_body(
-        r#"<check><custom ident="c" script="/bin/true"/></check>"#,
-    ));
+    let e = module_err(&with_body(r#"<check><custom ident="c" script="/bin/true"/></check>"#));
     assert_eq!(
         e,
         format!(
@@ -911,46 +733,19 @@ fn check_rules() {
              the module's bin/ directory (no '/'), found \"/bin/true\""
         )
     );
-    let e = module_err(&with_body(
-        r#"<check><tcp ident="t" addr="localhost" port="80"/></check>"#,
-    ));
-    assert!(
-        e.contains("expected an IPv4 or IPv6 address, found \"localhost\""),
-        "{e}"
-    );
-    let e = module_err(&with_body(
-        r#"<check><tcp ident="t" addr="::1" port="70000"/></check>"#,
-    ));
-    assert!(
-        e.contains("expected a whole number from 1 to 65535, found \"70000\""),
-        "{e}"
-    );
+    let e = module_err(&with_body(r#"<check><tcp ident="t" addr="localhost" port="80"/></check>"#));
+    assert!(e.contains("expected an IPv4 or IPv6 address, found \"localhost\""), "{e}");
+    let e = module_err(&with_body(r#"<check><tcp ident="t" addr="::1" port="70000"/></check>"#));
+    assert!(e.contains("expected a whole number from 1 to 65535, found \"70000\""), "{e}");
     let e = module_err(&with_body(r#"<check><tcp ident="t" addr="::1"/></check>"#));
     assert!(e.contains("<tcp>: missing attribute \"port\""), "{e}");
-    let e = module_err(&with_body(
-        r#"<check><proc name="nginx" action="restar"/></check>"#,
-    ));
-    assert!(
-        e.ends_with("expected restart or stopstart, found \"restar\" (did you mean \"restart\"?)"),
-        "{e}"
-    );
-    let e = module_err(&with_body(
-        r#"<check><proc name="nginx" interval="10ms"/></check>"#,
-    ));
-    assert!(
-        e.contains("expected a duration of at least 100ms, found \"10ms\""),
-        "{e}"
-    );
-    let e = module_err(&with_body(
-        r#"<check><proc name="nginx" atleast="0"/></check>"#,
-    ));
-    assert!(
-        e.contains("expected a whole number from 1 to 100000, found \"0\""),
-        "{e}"
-    );
-    let e = module_err(&with_body(
-        r#"<check><proc name="a-very-long-process-name"/></check>"#,
-    ));
+    let e = module_err(&with_body(r#"<check><proc name="nginx" action="restar"/></check>"#));
+    assert!(e.ends_with("expected restart or stopstart, found \"restar\" (did you mean \"restart\"?)"), "{e}");
+    let e = module_err(&with_body(r#"<check><proc name="nginx" interval="10ms"/></check>"#));
+    assert!(e.contains("expected a duration of at least 100ms, found \"10ms\""), "{e}");
+    let e = module_err(&with_body(r#"<check><proc name="nginx" atleast="0"/></check>"#));
+    assert!(e.contains("expected a whole number from 1 to 100000, found \"0\""), "{e}");
+    let e = module_err(&with_body(r#"<check><proc name="a-very-long-process-name"/></check>"#));
     assert!(e.contains("(1 to 15 characters, no '/')"), "{e}");
     let e = module_err(&with_body(r#"<check><custom script="x"/></check>"#));
     assert!(e.contains("<custom>: missing attribute \"ident\""), "{e}");
@@ -976,7 +771,9 @@ fn cluster_rules() {
              (lan \"a\" is already defined on line 2)"
         )
     );
-    let e = cluster_err(&wrap("<lan name=\"a\">\n<node name=\"x\" addr=\"10.0.0.1\"/>\n<node name=\"x\" addr=\"10.0.0.2\"/></lan>"));
+    let e = cluster_err(&wrap(
+        "<lan name=\"a\">\n<node name=\"x\" addr=\"10.0.0.1\"/>\n<node name=\"x\" addr=\"10.0.0.2\"/></lan>",
+    ));
     assert_eq!(
         e,
         format!(
@@ -984,7 +781,9 @@ fn cluster_rules() {
              found \"x\" (node \"x\" is already listed on line 3)"
         )
     );
-    let e = cluster_err(&wrap("<lan name=\"a\">\n<node name=\"x\" addr=\"10.0.0.1\"/>\n<node name=\"y\" addr=\"10.0.0.1\"/></lan>"));
+    let e = cluster_err(&wrap(
+        "<lan name=\"a\">\n<node name=\"x\" addr=\"10.0.0.1\"/>\n<node name=\"y\" addr=\"10.0.0.1\"/></lan>",
+    ));
     assert_eq!(
         e,
         format!(
@@ -993,9 +792,7 @@ fn cluster_rules() {
         )
     );
     for bad in ["10.0.0", "hostA", "0.0.0.0", "224.0.0.1", "10.0.0.1:80", ""] {
-        let e = cluster_err(&wrap(&format!(
-            "<lan name=\"a\"><node name=\"x\" addr=\"{bad}\"/></lan>"
-        )));
+        let e = cluster_err(&wrap(&format!("<lan name=\"a\"><node name=\"x\" addr=\"{bad}\"/></lan>")));
         assert_eq!(
             e,
             format!(
@@ -1016,33 +813,17 @@ fn cluster_rules() {
         )
     );
     for bad in ["-x", ".x", "a b", "", &"n".repeat(64)] {
-        let e = cluster_err(&wrap(&format!(
-            "<lan name=\"a\"><node name=\"{bad}\" addr=\"10.0.0.1\"/></lan>"
-        )));
-        assert!(
-            e.contains("<node> attribute \"name\": expected a name of 1 to 63"),
-            "{e}"
-        );
+        let e = cluster_err(&wrap(&format!("<lan name=\"a\"><node name=\"{bad}\" addr=\"10.0.0.1\"/></lan>")));
+        assert!(e.contains("<node> attribute \"name\": expected a name of 1 to 63"), "{e}");
     }
     let e = cluster_err(&wrap("<lan name=\"a\"/>"));
     assert!(e.contains("<lan>: expected at least one <node"), "{e}");
-    let e = cluster_err(&wrap(
-        "<lan name=\"a\"><nod name=\"x\" addr=\"10.0.0.1\"/></lan>",
-    ));
-    assert_eq!(
-        e,
-        format!("{CLUSTER_FILE}:2: unknown element <nod> in <lan>, expected <node>")
-    );
+    let e = cluster_err(&wrap("<lan name=\"a\"><nod name=\"x\" addr=\"10.0.0.1\"/></lan>"));
+    assert_eq!(e, format!("{CLUSTER_FILE}:2: unknown element <nod> in <lan>, expected <node>"));
     let e = cluster_err(&wrap("<lan nme=\"a\"/>"));
-    assert!(
-        e.ends_with("unknown attribute \"nme\" on <lan>, expected name (did you mean \"name\"?)"),
-        "{e}"
-    );
+    assert!(e.ends_with("unknown attribute \"nme\" on <lan>, expected name (did you mean \"name\"?)"), "{e}");
     let e = cluster_err("<clusters name=\"c\"/>");
-    assert!(
-        e.ends_with("expected <cluster> (did you mean <cluster>?)"),
-        "{e}"
-    );
+    assert!(e.ends_with("expected <cluster> (did you mean <cluster>?)"), "{e}");
     let e = cluster_err("<cluster><lan name=\"a\"/></cluster>");
     assert!(e.contains("<cluster>: missing attribute \"name\""), "{e}");
     // IPv6 and a single-node cluster are fine.
@@ -1090,15 +871,8 @@ fn local_node_by_flag_or_address() {
     )
     .expect("valid");
     let e = c.local_node(None).expect_err("ambiguous");
-    assert!(
-        e.to_string()
-            .contains("several cluster.xml nodes have an address on this host (a, b)"),
-        "{e}"
-    );
-    assert!(
-        e.to_string().contains("--node NAME or HAMIRROR_NODE=NAME"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("several cluster.xml nodes have an address on this host (a, b)"), "{e}");
+    assert!(e.to_string().contains("--node NAME or HAMIRROR_NODE=NAME"), "{e}");
 }
 
 #[test]
@@ -1107,18 +881,13 @@ fn units_public_api() {
     assert_eq!(parse_duration("700ms"), Ok(Duration::from_millis(700)));
     assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
     assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86400)));
-    assert_eq!(
-        parse_duration("700"),
-        Err("expected a duration with a unit (ms, s, m, h), found \"700\"".to_string())
-    );
+    assert_eq!(parse_duration("700"), Err("expected a duration with a unit (ms, s, m, h), found \"700\"".to_string()));
     assert!(parse_duration("5x").is_err());
     assert!(parse_duration("-1s").is_err());
     assert_eq!(parse_size("4096"), Ok(4096));
     assert_eq!(parse_size("64KiB"), Ok(65536));
     assert_eq!(parse_size("2GiB"), Ok(2 << 30));
-    assert!(parse_size("1MB")
-        .unwrap_err()
-        .ends_with("(did you mean \"1MiB\"?)"));
+    assert!(parse_size("1MB").unwrap_err().ends_with("(did you mean \"1MiB\"?)"));
     assert_eq!(format_duration(Duration::from_millis(700)), "700ms");
     assert_eq!(format_duration(Duration::from_secs(30)), "30s");
     assert_eq!(format_duration(Duration::from_secs(300)), "5m");
@@ -1154,17 +923,9 @@ fn thirty_third_mirror_module_is_refused() {
     let (_dir, paths) = temp_paths();
     for i in 1..=33u16 {
         let name = format!("m{i:02}");
-        write_module(
-            &paths,
-            &name,
-            &format!(r#"<module name="{name}" id="{i}"/>"#),
-        );
+        write_module(&paths, &name, &format!(r#"<module name="{name}" id="{i}"/>"#));
     }
-    write_module(
-        &paths,
-        "zfarm",
-        r#"<module name="zfarm" mode="farm" id="500"/>"#,
-    );
+    write_module(&paths, "zfarm", r#"<module name="zfarm" mode="farm" id="500"/>"#);
     let set = load_modules(&paths, &cluster());
     assert_eq!(set.modules.len(), 33);
     assert_eq!(set.modules[0].name, "m01");
@@ -1189,11 +950,7 @@ fn duplicate_id_and_bad_modules_are_refused_while_others_load() {
     let (_dir, paths) = temp_paths();
     write_module(&paths, "alpha", r#"<module name="alpha" id="5"/>"#);
     write_module(&paths, "beta", "<module name=\"beta\"\n        id=\"5\"/>");
-    write_module(
-        &paths,
-        "gamma",
-        r#"<module name="gamma" id="6"><heart pulse="1"/></module>"#,
-    );
+    write_module(&paths, "gamma", r#"<module name="gamma" id="6"><heart pulse="1"/></module>"#);
     write_module(&paths, "delta", r#"<module name="other" id="7"/>"#);
     write_module(&paths, "omega", r#"<module name="omega" id="8"/>"#);
     std::fs::create_dir_all(paths.module_dir("empty")).expect("mkdir");
@@ -1204,13 +961,7 @@ fn duplicate_id_and_bad_modules_are_refused_while_others_load() {
     assert_eq!(loaded, vec!["alpha", "omega"]);
     let refused: Vec<&str> = set.refused.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(refused, vec!["beta", "delta", "empty", "gamma"]);
-    let msg = |n: &str| {
-        set.refused
-            .iter()
-            .find(|(m, _)| m == n)
-            .map(|(_, e)| e.to_string())
-            .unwrap_or_default()
-    };
+    let msg = |n: &str| set.refused.iter().find(|(m, _)| m == n).map(|(_, e)| e.to_string()).unwrap_or_default();
     assert_eq!(
         msg("beta"),
         format!(
@@ -1227,15 +978,8 @@ fn duplicate_id_and_bad_modules_are_refused_while_others_load() {
             paths.userconfig("delta").display()
         )
     );
-    assert_eq!(
-        msg("empty"),
-        format!("{}: file not found", paths.userconfig("empty").display())
-    );
-    assert!(
-        msg("gamma").contains("<heart> attribute \"pulse\""),
-        "{}",
-        msg("gamma")
-    );
+    assert_eq!(msg("empty"), format!("{}: file not found", paths.userconfig("empty").display()));
+    assert!(msg("gamma").contains("<heart> attribute \"pulse\""), "{}", msg("gamma"));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1350,11 +1094,7 @@ const TAGS: &[&str] = &[
 
 fn mutate(rng: &mut Rng, text: &str) -> String {
     let mut b: Vec<u8> = text.as_bytes().to_vec();
-    let rounds = if rng.below(2) == 0 {
-        1
-    } else {
-        2 + rng.below(2)
-    };
+    let rounds = if rng.below(2) == 0 { 1 } else { 2 + rng.below(2) };
     for _ in 0..rounds {
         let len = b.len();
         match rng.below(7) {
@@ -1393,11 +1133,7 @@ fn mutate(rng: &mut Rng, text: &str) -> String {
                     continue;
                 };
                 let value = rng.pick(VALUES).replace('"', "&quot;");
-                let value = if value == "&quot;" {
-                    "\"".to_string()
-                } else {
-                    value
-                };
+                let value = if value == "&quot;" { "\"".to_string() } else { value };
                 b = format!("{}{}{}", &s[..start], value, &s[end..]).into_bytes();
             }
             _ => {
@@ -1434,11 +1170,7 @@ fn fuzz_mutations_never_panic() {
 <user><var name="A" value="1"/></user>
 <check><custom ident="c" script="s"/><proc name="p" atleast="2" interval="2s"/></check>"#,
     );
-    let modules = [
-        USERCONFIG_XML,
-        extra.as_str(),
-        r#"<module name="f" mode="farm" id="9"/>"#,
-    ];
+    let modules = [USERCONFIG_XML, extra.as_str(), r#"<module name="f" mode="farm" id="9"/>"#];
     let (mut ok, mut err) = (0u32, 0u32);
     for i in 0..20_000u32 {
         if i % 4 == 0 {
@@ -1457,11 +1189,7 @@ fn fuzz_mutations_never_panic() {
             let which = rng.below(modules.len());
             let text = mutate(&mut rng, modules[which]);
             // The farm module also runs against a three-node cluster.
-            let c = if which == 2 && i % 2 == 0 {
-                &three
-            } else {
-                &two
-            };
+            let c = if which == 2 && i % 2 == 0 { &three } else { &two };
             match parse_module(&text, Path::new(MODULE_FILE), c) {
                 Ok(m) => {
                     ok += 1;
@@ -1483,32 +1211,18 @@ fn fuzz_mutations_never_panic() {
 #[test]
 fn documented_examples_are_valid() {
     // The cluster.xml and full userconfig.xml examples of docs/configuration.md parse.
-    let doc = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/docs/configuration.md"
-    ))
-    .expect("docs/configuration.md");
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/configuration.md"))
+        .expect("docs/configuration.md");
     let block = |start: &str| -> String {
-        let from = doc
-            .find(&format!("```xml\n{start}"))
-            .expect("example block")
-            + "```xml\n".len();
+        let from = doc.find(&format!("```xml\n{start}")).expect("example block") + "```xml\n".len();
         let len = doc[from..].find("```").expect("end of block");
         doc[from..from + len].to_string()
     };
-    let c =
-        parse_cluster(&block("<cluster"), Path::new("docs/cluster.xml")).expect("cluster example");
+    let c = parse_cluster(&block("<cluster"), Path::new("docs/cluster.xml")).expect("cluster example");
     assert_eq!(c, cluster());
-    let m = parse_module(&block("<module"), Path::new("docs/userconfig.xml"), &c)
-        .expect("module example");
+    let m = parse_module(&block("<module"), Path::new("docs/userconfig.xml"), &c).expect("module example");
     assert_eq!(m.checks.len(), 3);
     let rfs = m.rfs.expect("rfs");
-    assert_eq!(
-        rfs.replicated[0].notreplicated,
-        vec![PathBuf::from("tmp"), PathBuf::from("cache")]
-    );
-    assert_eq!(
-        m.user.vars,
-        vec![("SITE".to_string(), "production".to_string())]
-    );
+    assert_eq!(rfs.replicated[0].notreplicated, vec![PathBuf::from("tmp"), PathBuf::from("cache")]);
+    assert_eq!(m.user.vars, vec![("SITE".to_string(), "production".to_string())]);
 }

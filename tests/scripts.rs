@@ -23,28 +23,15 @@ fn fixture() -> Fixture {
     fs::create_dir_all(paths.module_dir("web01").join("bin")).unwrap();
     let vars = vec![("APP_COMMAND".to_string(), "sleep 5".to_string())];
     let env = ScriptEnv::new(&paths, "web01", "hostA", Some("hostB"), &vars);
-    Fixture {
-        _dir: dir,
-        paths,
-        env,
-    }
+    Fixture { _dir: dir, paths, env }
 }
 
 fn user(start: Duration, nice: Duration, force: Duration) -> UserConfig {
-    UserConfig {
-        nicestoptimeout: nice,
-        forcestoptimeout: force,
-        starttimeout: start,
-        vars: vec![],
-    }
+    UserConfig { nicestoptimeout: nice, forcestoptimeout: force, starttimeout: start, vars: vec![] }
 }
 
 fn quick() -> UserConfig {
-    user(
-        Duration::from_secs(10),
-        Duration::from_secs(10),
-        Duration::from_secs(10),
-    )
+    user(Duration::from_secs(10), Duration::from_secs(10), Duration::from_secs(10))
 }
 
 fn write_script(paths: &Paths, name: &str, body: &str) {
@@ -96,24 +83,12 @@ echo "to stderr" >&2"#,
     let sd = f.paths.state_dir.display();
     let cwd = f.paths.module_dir("web01");
     let cwd = fs::canonicalize(cwd).unwrap();
-    assert!(
-        log.contains(&format!(
-            "home={home} sd={sd} app=sleep 5 cwd={}",
-            cwd.display()
-        )),
-        "{log}"
-    );
+    assert!(log.contains(&format!("home={home} sd={sd} app=sleep 5 cwd={}", cwd.display())), "{log}");
     assert!(log.contains("to stderr"), "{log}");
     let lines: Vec<&str> = log.lines().collect();
     assert!(lines[0].ends_with(" start_prim: started"), "{log}");
-    assert!(
-        lines[lines.len() - 1].ends_with(" start_prim: exit 0"),
-        "{log}"
-    );
-    assert!(
-        lines[0].starts_with("20") && lines[0].contains('T'),
-        "{log}"
-    );
+    assert!(lines[lines.len() - 1].ends_with(" start_prim: exit 0"), "{log}");
+    assert!(lines[0].starts_with("20") && lines[0].contains('T'), "{log}");
 }
 
 // A module without the script succeeds at once and writes nothing.
@@ -134,19 +109,9 @@ async fn failing_script_is_failed() {
     let out = run_script(&f.paths, &f.env, State::Stop, Script::Prestart, &quick()).await;
     assert_eq!(out, ScriptOutcome::Failed);
     assert!(user_log(&f.paths).contains("prestart: exit 3"));
-    let out = run_script(
-        &f.paths,
-        &f.env,
-        State::Second,
-        Script::StopSecond,
-        &quick(),
-    )
-    .await;
+    let out = run_script(&f.paths, &f.env, State::Second, Script::StopSecond, &quick()).await;
     assert_eq!(out, ScriptOutcome::Failed);
-    assert!(
-        !user_log(&f.paths).contains("stop_second force"),
-        "a failure is not a timeout"
-    );
+    assert!(!user_log(&f.paths).contains("stop_second force"), "a failure is not a timeout");
 }
 
 // A script without the executable bit fails with a line telling the admin to chmod +x.
@@ -158,11 +123,7 @@ async fn script_not_executable_is_failed_with_advice() {
     fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
     let out = run_script(&f.paths, &f.env, State::Wait, Script::StartPrim, &quick()).await;
     assert_eq!(out, ScriptOutcome::Failed);
-    assert!(
-        user_log(&f.paths).contains("chmod +x"),
-        "{}",
-        user_log(&f.paths)
-    );
+    assert!(user_log(&f.paths).contains("chmod +x"), "{}", user_log(&f.paths));
     let module_log = fs::read_to_string(f.paths.module_log("web01")).unwrap();
     assert!(module_log.contains("chmod +x"), "{module_log}");
 }
@@ -172,32 +133,17 @@ async fn script_not_executable_is_failed_with_advice() {
 async fn hanging_start_script_times_out_and_is_killed() {
     let f = fixture();
     let pid_file = f.paths.module_dir("web01").join("child.pid");
-    write_script(
-        &f.paths,
-        "start_prim",
-        "sleep 30 &\necho $! > child.pid\nsleep 30",
-    );
-    let limits = user(
-        Duration::from_millis(300),
-        Duration::from_secs(10),
-        Duration::from_secs(10),
-    );
+    write_script(&f.paths, "start_prim", "sleep 30 &\necho $! > child.pid\nsleep 30");
+    let limits = user(Duration::from_millis(300), Duration::from_secs(10), Duration::from_secs(10));
     let t0 = Instant::now();
     let out = run_script(&f.paths, &f.env, State::Wait, Script::StartPrim, &limits).await;
     assert_eq!(out, ScriptOutcome::TimedOut);
     assert!(t0.elapsed() < Duration::from_secs(5));
-    assert!(
-        user_log(&f.paths).contains("start_prim: timed out after 300ms"),
-        "{}",
-        user_log(&f.paths)
-    );
+    assert!(user_log(&f.paths).contains("start_prim: timed out after 300ms"), "{}", user_log(&f.paths));
     let child: i32 = wait_for_file(&pid_file).trim().parse().unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while pid_alive(child) {
-        assert!(
-            Instant::now() < deadline,
-            "the script's child survived the timeout"
-        );
+        assert!(Instant::now() < deadline, "the script's child survived the timeout");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -214,18 +160,12 @@ async fn stop_script_is_rerun_with_force_after_nicestoptimeout() {
 if [ "$1" = force ]; then exit 0; fi
 sleep 30"#,
     );
-    let limits = user(
-        Duration::from_secs(10),
-        Duration::from_millis(300),
-        Duration::from_secs(10),
-    );
+    let limits = user(Duration::from_secs(10), Duration::from_millis(300), Duration::from_secs(10));
     let out = run_script(&f.paths, &f.env, State::Prim, Script::StopPrim, &limits).await;
     assert_eq!(out, ScriptOutcome::Ok);
     let log = user_log(&f.paths);
     let graceful = log.find("stop_prim args=[]").expect("graceful run");
-    let timed_out = log
-        .find("stop_prim: timed out after 300ms")
-        .expect("graceful run killed");
+    let timed_out = log.find("stop_prim: timed out after 300ms").expect("graceful run killed");
     let forced = log.find("stop_prim args=[force]").expect("forced run");
     assert!(graceful < timed_out && timed_out < forced, "{log}");
     assert!(log.contains("stop_prim force: exit 0"), "{log}");
@@ -236,20 +176,12 @@ sleep 30"#,
 async fn stop_script_hanging_when_forced_times_out() {
     let f = fixture();
     write_script(&f.paths, "stop_both", "sleep 30");
-    let limits = user(
-        Duration::from_secs(10),
-        Duration::from_millis(200),
-        Duration::from_millis(200),
-    );
+    let limits = user(Duration::from_secs(10), Duration::from_millis(200), Duration::from_millis(200));
     let t0 = Instant::now();
     let out = run_script(&f.paths, &f.env, State::Prim, Script::StopBoth, &limits).await;
     assert_eq!(out, ScriptOutcome::TimedOut);
     assert!(t0.elapsed() < Duration::from_secs(5));
-    assert!(
-        user_log(&f.paths).contains("stop_both force: timed out"),
-        "{}",
-        user_log(&f.paths)
-    );
+    assert!(user_log(&f.paths).contains("stop_both force: timed out"), "{}", user_log(&f.paths));
 }
 
 // A background process left by start_prim, holding the user log as its stdout, keeps
@@ -266,21 +198,12 @@ echo $! > app.pid"#,
     let t0 = Instant::now();
     let out = run_script(&f.paths, &f.env, State::Wait, Script::StartPrim, &quick()).await;
     assert_eq!(out, ScriptOutcome::Ok);
-    assert!(
-        t0.elapsed() < Duration::from_secs(5),
-        "the call waited for the background process"
-    );
-    let pid: i32 = wait_for_file(&f.paths.module_dir("web01").join("app.pid"))
-        .trim()
-        .parse()
-        .unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(5), "the call waited for the background process");
+    let pid: i32 = wait_for_file(&f.paths.module_dir("web01").join("app.pid")).trim().parse().unwrap();
     std::thread::sleep(Duration::from_millis(200));
     assert!(pid_alive(pid), "the application was killed");
     assert!(user_log(&f.paths).contains("app is up"));
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGKILL,
-    );
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
 }
 
 // The mirror template's start_prim runs APP_COMMAND in its own process group and records it;

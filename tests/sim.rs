@@ -49,11 +49,37 @@ impl Rng {
 
 #[derive(Debug, Clone)]
 enum Item {
-    Deliver { to: usize, inc: u64, lan: usize, status: PeerStatus },
-    ScriptDone { node: usize, inc: u64, script: Script, outcome: ScriptOutcome },
-    Witness { node: usize, inc: u64 },
-    Resync { node: usize, inc: u64, token: u64 },
-    Timer { node: usize, inc: u64 },
+    Deliver {
+        to: usize,
+        inc: u64,
+        lan: usize,
+        status: PeerStatus,
+    },
+    ScriptDone {
+        node: usize,
+        inc: u64,
+        script: Script,
+        outcome: ScriptOutcome,
+    },
+    Witness {
+        node: usize,
+        inc: u64,
+    },
+    /// The peer answers the resync request (it serves it only while primary).
+    ResyncAccept {
+        node: usize,
+        inc: u64,
+        token: u64,
+    },
+    Resync {
+        node: usize,
+        inc: u64,
+        token: u64,
+    },
+    Timer {
+        node: usize,
+        inc: u64,
+    },
     Fault,
 }
 
@@ -96,13 +122,20 @@ struct Sim {
     dup_per_mille: u64,
     faults: bool,
     trace: VecDeque<String>,
-    /// Invariant 2: `Some` while both nodes are primary; inside, when they became so with the
-    /// witness reachable by only one, the deadline by which one must have left the role.
-    dual_primary: Option<Option<Duration>>,
+    /// Invariant 2: while both nodes are primary with the witness reachable by only one of
+    /// them, the time by which one must have left the role.
+    dual_primary_deadline: Option<Duration>,
     grace: Duration,
 }
 
-fn params(node_index: u8, lans: usize, pulse: Duration, timeout: Duration, witness: bool, rng: &mut Rng) -> ModuleParams {
+fn params(
+    node_index: u8,
+    lans: usize,
+    pulse: Duration,
+    timeout: Duration,
+    witness: bool,
+    rng: &mut Rng,
+) -> ModuleParams {
     let defaultprim = match rng.below(4) {
         0 => DefaultPrim::Node("n0".into()),
         1 => DefaultPrim::Node("n1".into()),
@@ -152,7 +185,9 @@ impl Sim {
         };
         let loss_per_mille = [0, 10, 100, 300][rng.below(4) as usize];
         let dup_per_mille = [0, 20][rng.below(2) as usize];
-        let grace = timeout + pulse * 2 + Duration::from_millis(300 + 100 + 3 * 60);
+        // A thawed node waits one timeout, an isolated primary re-asks the witness every
+        // timeout; add the witness's answer (300 ms) and a stop script (60 ms).
+        let grace = timeout * 2 + pulse * 2 + Duration::from_millis(300 + 60 + 240);
         Sim {
             seed,
             rng,
@@ -171,7 +206,7 @@ impl Sim {
             dup_per_mille,
             faults: true,
             trace: VecDeque::new(),
-            dual_primary: None,
+            dual_primary_deadline: None,
             grace,
         }
     }
@@ -237,8 +272,8 @@ impl Sim {
         let Some(m) = self.nodes[n].machine.as_mut() else { return };
         let before_transition = m.transition();
         f(m);
-        let entered_starting_primary =
-            m.transition() == Some(Transition::StartingPrimary) && before_transition != Some(Transition::StartingPrimary);
+        let entered_starting_primary = m.transition() == Some(Transition::StartingPrimary)
+            && before_transition != Some(Transition::StartingPrimary);
         let mut actions = Vec::new();
         while let Some(a) = m.poll_action() {
             actions.push(a);
@@ -311,11 +346,10 @@ impl Sim {
                     self.fail(&format!("n{n} starts a resync from a peer whose data is older"));
                 }
                 self.nodes[n].resync_token += 1;
-                self.nodes[n].inconsistent = true;
                 let token = self.nodes[n].resync_token;
-                self.log(format!("n{n} resync starts (full={full})"));
-                let d = self.rng.ms(10, 800);
-                self.schedule(d, Item::Resync { node: n, inc, token });
+                self.log(format!("n{n} asks for a resync (full={full})"));
+                let d = self.rng.ms(1, 50);
+                self.schedule(d, Item::ResyncAccept { node: n, inc, token });
             }
             Action::StopResync => {
                 self.nodes[n].resync_token += 1;
@@ -330,7 +364,9 @@ impl Sim {
                     let kept = old.history.contains(new_last);
                     let adopted = self.nodes[n].seen_peer_history.as_ref().is_some_and(|h| h.contains(new_last));
                     if !(created_here || kept || adopted) {
-                        self.fail(&format!("n{n}'s history went backwards or adopted an unknown generation {new_last}"));
+                        self.fail(&format!(
+                            "n{n}'s history went backwards or adopted an unknown generation {new_last}"
+                        ));
                     }
                 }
                 self.nodes[n].disk = p;
@@ -357,22 +393,22 @@ impl Sim {
     }
 
     fn check_invariants(&mut self, _n: usize) {
-        // Invariant 2: when both nodes become primary at once while the witness is reachable
-        // by only one of them, one must leave the role within the convergence grace. (When both
-        // reach the witness as they decide, a ping witness cannot arbitrate: DESIGN.md.)
+        // Invariant 2: both nodes primary while the witness is reachable by only one of them
+        // must not outlast the convergence grace (an isolated primary re-asks the witness every
+        // timeout and steps down when none answers).
         let both = self.live(0) && self.live(1) && self.is_primary(0) && self.is_primary(1);
         let admin = self.nodes[0].admin_promotion || self.nodes[1].admin_promotion;
         let one_sided = self.witness_configured && self.witness_link[0] != self.witness_link[1];
-        if !both || admin {
-            self.dual_primary = None;
-        } else {
-            match self.dual_primary {
-                None => self.dual_primary = Some(one_sided.then_some(self.now + self.grace)),
-                Some(Some(deadline)) if self.now > deadline => {
+        if both && one_sided && !admin {
+            match self.dual_primary_deadline {
+                None => self.dual_primary_deadline = Some(self.now + self.grace),
+                Some(deadline) if self.now > deadline => {
                     self.fail("both nodes primary while the witness is reachable by only one of them")
                 }
                 Some(_) => {}
             }
+        } else {
+            self.dual_primary_deadline = None;
         }
     }
 
@@ -404,6 +440,26 @@ impl Sim {
                 let reachable = self.witness_configured && self.witness_link[node];
                 let now = self.at();
                 self.with_machine(node, false, |m| m.handle(now, Event::Witness { reachable }));
+            }
+            Item::ResyncAccept { node, inc, token } => {
+                if self.nodes[node].inc != inc || self.nodes[node].resync_token != token {
+                    return;
+                }
+                let other = 1 - node;
+                let serves = self.live(other)
+                    && self.connected()
+                    && self.nodes[other].machine.as_ref().is_some_and(|m| m.status().acts_primary());
+                let now = self.at();
+                if serves {
+                    self.nodes[node].inconsistent = true;
+                    self.log(format!("n{node} resync accepted by n{other}"));
+                    self.with_machine(node, false, |m| m.handle(now, Event::ResyncStarted));
+                    let d = self.rng.ms(10, 800);
+                    self.schedule(d, Item::Resync { node, inc, token });
+                } else {
+                    self.log(format!("n{node} resync refused: n{other} is not primary"));
+                    self.with_machine(node, false, |m| m.handle(now, Event::ResyncDone { ok: false }));
+                }
             }
             Item::Resync { node, inc, token } => {
                 if self.nodes[node].inc != inc || self.nodes[node].resync_token != token {
@@ -475,31 +531,28 @@ impl Sim {
                 }
                 self.log("FAULT every lan healed".into());
             }
-            5 => {
-                if self.nodes[n].machine.is_some() && !self.nodes[n].frozen {
-                    self.log(format!("FAULT n{n} crashes"));
-                    self.nodes[n].machine = None;
-                    self.nodes[n].inc += 1;
-                    self.nodes[n].next_timer = None;
-                    self.nodes[n].admin_promotion = false;
-                    self.nodes[n].admin_prim_pending = false;
-                }
+            5 if self.nodes[n].machine.is_some() && !self.nodes[n].frozen => {
+                self.log(format!("FAULT n{n} crashes"));
+                self.nodes[n].machine = None;
+                self.nodes[n].inc += 1;
+                self.nodes[n].next_timer = None;
+                self.nodes[n].admin_promotion = false;
+                self.nodes[n].admin_prim_pending = false;
             }
-            6 => {
-                if self.nodes[n].machine.is_none() {
-                    self.boot(n);
-                }
+            6 if self.nodes[n].machine.is_none() => {
+                self.boot(n);
             }
-            7 => {
-                if self.nodes[n].machine.is_some() && !self.nodes[n].frozen {
-                    self.log(format!("FAULT n{n} freezes"));
-                    self.nodes[n].frozen = true;
-                }
+            7 if self.nodes[n].machine.is_some() && !self.nodes[n].frozen => {
+                self.log(format!("FAULT n{n} freezes"));
+                self.nodes[n].frozen = true;
             }
             8 => self.thaw(n),
             9 => {
                 self.witness_link[n] = !self.witness_link[n];
-                self.log(format!("FAULT witness {} for n{n}", if self.witness_link[n] { "reachable" } else { "unreachable" }));
+                self.log(format!(
+                    "FAULT witness {} for n{n}",
+                    if self.witness_link[n] { "reachable" } else { "unreachable" }
+                ));
             }
             10 => self.admin(n, AdminCommand::Start),
             11 => self.admin(n, AdminCommand::Stop),
@@ -512,21 +565,20 @@ impl Sim {
             15 => self.admin(n, AdminCommand::Restart),
             16 => {
                 self.nodes[n].app_broken = !self.nodes[n].app_broken;
-                self.log(format!("FAULT n{n} application {}", if self.nodes[n].app_broken { "broken" } else { "fixed" }));
+                self.log(format!(
+                    "FAULT n{n} application {}",
+                    if self.nodes[n].app_broken { "broken" } else { "fixed" }
+                ));
             }
-            17 => {
-                if self.live(n) && self.is_primary(n) {
-                    let now = self.at();
-                    let action = if self.rng.chance(500) {
-                        hamirror::config::CheckAction::Restart
-                    } else {
-                        hamirror::config::CheckAction::Stopstart
-                    };
-                    self.log(format!("FAULT n{n} checker fails ({action:?})"));
-                    self.with_machine(n, false, |m| {
-                        m.handle(now, Event::CheckerFailed { ident: "app".into(), action })
-                    });
-                }
+            17 if self.live(n) && self.is_primary(n) => {
+                let now = self.at();
+                let action = if self.rng.chance(500) {
+                    hamirror::config::CheckAction::Restart
+                } else {
+                    hamirror::config::CheckAction::Stopstart
+                };
+                self.log(format!("FAULT n{n} checker fails ({action:?})"));
+                self.with_machine(n, false, |m| m.handle(now, Event::CheckerFailed { ident: "app".into(), action }));
             }
             _ => {}
         }
@@ -567,6 +619,7 @@ impl Sim {
             Item::Deliver { to, .. } => Some(*to),
             Item::ScriptDone { node, .. }
             | Item::Witness { node, .. }
+            | Item::ResyncAccept { node, .. }
             | Item::Resync { node, .. }
             | Item::Timer { node, .. } => Some(*node),
             Item::Fault => None,

@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use hamirror::cluster::wire::{DATAGRAM_BYTES_MIN, HEADER_BYTES, TAG_BYTES};
 use hamirror::cluster::{
-    decode, encode, ClusterKey, HeartbeatHeader, HeartbeatLan, Heartbeats, ReplayGuard, WireError,
-    DATAGRAM_BYTES_MAX,
+    decode, encode, ClusterKey, HeartbeatHeader, HeartbeatLan, Heartbeats, ReplayGuard, WireError, DATAGRAM_BYTES_MAX,
 };
 use hamirror::module::{Generation, PeerStatus, Role, State, Transition, HISTORY_MAX};
 use hmac::{Hmac, Mac};
@@ -29,16 +28,8 @@ fn status(swap_request: u32) -> PeerStatus {
         state: State::Second,
         transition: Some(Transition::Resyncing),
         history: vec![
-            Generation {
-                node: 0,
-                seq: 1,
-                from_primary: false,
-            },
-            Generation {
-                node: 1,
-                seq: 4,
-                from_primary: true,
-            },
+            Generation { node: 0, seq: 1, from_primary: false },
+            Generation { node: 1, seq: 4, from_primary: true },
         ],
         in_sync: false,
         eligible: true,
@@ -49,12 +40,7 @@ fn status(swap_request: u32) -> PeerStatus {
 }
 
 fn header() -> HeartbeatHeader {
-    HeartbeatHeader {
-        node: 1,
-        module_id: 42,
-        epoch: 1_700_000_000_123_456_789,
-        seq: 9,
-    }
+    HeartbeatHeader { node: 1, module_id: 42, epoch: 1_700_000_000_123_456_789, seq: 9 }
 }
 
 /// A frame with a valid tag around any payload bytes and length field: what only a holder of
@@ -101,26 +87,14 @@ fn largest_status_fits_in_one_datagram() {
     let widest = PeerStatus {
         state: State::Second,
         transition: Some(Transition::StartingSecondary),
-        history: vec![
-            Generation {
-                node: 1,
-                seq: u64::MAX,
-                from_primary: true
-            };
-            HISTORY_MAX
-        ],
+        history: vec![Generation { node: 1, seq: u64::MAX, from_primary: true }; HISTORY_MAX],
         in_sync: true,
         eligible: true,
         last_role: Role::Secondary,
         swap_request: u32::MAX,
         handover: true,
     };
-    let h = HeartbeatHeader {
-        node: 1,
-        module_id: u16::MAX,
-        epoch: u64::MAX,
-        seq: u64::MAX,
-    };
+    let h = HeartbeatHeader { node: 1, module_id: u16::MAX, epoch: u64::MAX, seq: u64::MAX };
     let frame = encode(&key(), &h, &widest);
     assert!(frame.len() <= DATAGRAM_BYTES_MAX, "{} bytes", frame.len());
     assert_eq!(decode(&key(), &frame).unwrap(), (h, widest));
@@ -199,20 +173,11 @@ fn authenticated_but_malformed_frames_are_rejected() {
     let len = payload.len() as u16;
     assert!(decode(&key(), &signed_frame(0, &payload, len)).is_ok());
     let malformed = |frame: Vec<u8>| matches!(decode(&key(), &frame), Err(WireError::Malformed(_)));
-    assert!(
-        malformed(signed_frame(0, &payload, len + 1)),
-        "length too large"
-    );
-    assert!(
-        malformed(signed_frame(0, &payload, len - 1)),
-        "length too small"
-    );
+    assert!(malformed(signed_frame(0, &payload, len + 1)), "length too large");
+    assert!(malformed(signed_frame(0, &payload, len - 1)), "length too small");
     let mut trailing = payload.clone();
     trailing.push(0);
-    assert!(
-        malformed(signed_frame(0, &trailing, len + 1)),
-        "trailing byte"
-    );
+    assert!(malformed(signed_frame(0, &trailing, len + 1)), "trailing byte");
     assert!(malformed(signed_frame(0, &[0xff; 8], 8)), "junk payload");
     assert!(malformed(signed_frame(2, &payload, len)), "node index 2");
 }
@@ -226,16 +191,10 @@ fn tag_is_checked_before_the_payload() {
     assert_eq!(decode(&key(), &frame), Err(WireError::BadMac));
     let mut too_large = vec![0u8; DATAGRAM_BYTES_MAX + 1];
     too_large[..5].copy_from_slice(b"HAMR\x01");
-    assert_eq!(
-        decode(&key(), &too_large),
-        Err(WireError::TooLarge(DATAGRAM_BYTES_MAX + 1))
-    );
+    assert_eq!(decode(&key(), &too_large), Err(WireError::TooLarge(DATAGRAM_BYTES_MAX + 1)));
     let mut other_version = encode(&key(), &header(), &status(0));
     other_version[4] = 2;
-    assert_eq!(
-        decode(&key(), &other_version),
-        Err(WireError::BadVersion(2))
-    );
+    assert_eq!(decode(&key(), &other_version), Err(WireError::BadVersion(2)));
     assert_eq!(HEADER_BYTES + TAG_BYTES, DATAGRAM_BYTES_MIN);
 }
 
@@ -243,39 +202,14 @@ fn tag_is_checked_before_the_payload() {
 #[test]
 fn replay_guard_accepts_only_newer_heartbeats() {
     let mut guard = ReplayGuard::new();
-    let h = |node: u8, module_id: u16, epoch: u64, seq: u64| HeartbeatHeader {
-        node,
-        module_id,
-        epoch,
-        seq,
-    };
+    let h = |node: u8, module_id: u16, epoch: u64, seq: u64| HeartbeatHeader { node, module_id, epoch, seq };
     assert_eq!(guard.check(&h(1, 42, 100, 5)), Ok(()));
-    assert_eq!(
-        guard.check(&h(1, 42, 100, 5)),
-        Err(WireError::Replayed),
-        "duplicate"
-    );
-    assert_eq!(
-        guard.check(&h(1, 42, 100, 4)),
-        Err(WireError::Replayed),
-        "older seq"
-    );
-    assert_eq!(
-        guard.check(&h(1, 42, 99, 1000)),
-        Err(WireError::Replayed),
-        "older epoch"
-    );
+    assert_eq!(guard.check(&h(1, 42, 100, 5)), Err(WireError::Replayed), "duplicate");
+    assert_eq!(guard.check(&h(1, 42, 100, 4)), Err(WireError::Replayed), "older seq");
+    assert_eq!(guard.check(&h(1, 42, 99, 1000)), Err(WireError::Replayed), "older epoch");
     assert_eq!(guard.check(&h(1, 42, 100, 6)), Ok(()), "next seq");
-    assert_eq!(
-        guard.check(&h(1, 42, 101, 0)),
-        Ok(()),
-        "newer epoch: the sender restarted"
-    );
-    assert_eq!(
-        guard.check(&h(1, 42, 100, 7)),
-        Err(WireError::Replayed),
-        "the previous run"
-    );
+    assert_eq!(guard.check(&h(1, 42, 101, 0)), Ok(()), "newer epoch: the sender restarted");
+    assert_eq!(guard.check(&h(1, 42, 100, 7)), Err(WireError::Replayed), "the previous run");
     // Senders and modules are tracked apart.
     assert_eq!(guard.check(&h(0, 42, 1, 0)), Ok(()));
     assert_eq!(guard.check(&h(1, 43, 1, 0)), Ok(()));
@@ -283,24 +217,15 @@ fn replay_guard_accepts_only_newer_heartbeats() {
 
 /// A loopback port that was free a moment ago.
 fn free_port() -> SocketAddr {
-    StdUdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    StdUdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
 
 fn lan(local: SocketAddr, peer: SocketAddr) -> Vec<HeartbeatLan> {
-    vec![HeartbeatLan {
-        name: "default".into(),
-        local,
-        peer,
-    }]
+    vec![HeartbeatLan { name: "default".into(), local, peer }]
 }
 
 async fn recv(node: &mut Heartbeats) -> (usize, PeerStatus) {
-    timeout(AWAIT_MAX, node.recv())
-        .await
-        .expect("no heartbeat arrived")
+    timeout(AWAIT_MAX, node.recv()).await.expect("no heartbeat arrived")
 }
 
 // Two nodes on loopback exchange statuses in both directions, and recv() loses nothing when cancelled.
@@ -314,9 +239,7 @@ async fn two_nodes_exchange_heartbeats_over_loopback() {
     node1.send(&status(11)).await;
     assert_eq!(recv(&mut node0).await, (0, status(11)));
     // A recv() abandoned by a timeout (as in a select!) does not swallow the next heartbeat.
-    assert!(timeout(Duration::from_millis(20), node1.recv())
-        .await
-        .is_err());
+    assert!(timeout(Duration::from_millis(20), node1.recv()).await.is_err());
     node0.send(&status(12)).await;
     node0.send(&status(13)).await;
     assert_eq!(recv(&mut node1).await, (0, status(12)));
@@ -334,12 +257,7 @@ async fn wrong_key_datagram_is_counted_and_dropped() {
     let intruder = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let forged = encode(
         &ClusterKey::from_bytes([9; 32]),
-        &HeartbeatHeader {
-            node: 0,
-            module_id: 42,
-            epoch: u64::MAX,
-            seq: 0,
-        },
+        &HeartbeatHeader { node: 0, module_id: 42, epoch: u64::MAX, seq: 0 },
         &status(666),
     );
     intruder.send_to(&forged, b).await.unwrap();
@@ -355,10 +273,7 @@ async fn wrong_key_datagram_is_counted_and_dropped() {
 async fn capture(relay: &UdpSocket, node: &Heartbeats, from: SocketAddr, s: PeerStatus) -> Vec<u8> {
     node.send(&s).await;
     let mut buf = vec![0u8; 2048];
-    let (len, got_from) = timeout(AWAIT_MAX, relay.recv_from(&mut buf))
-        .await
-        .unwrap()
-        .unwrap();
+    let (len, got_from) = timeout(AWAIT_MAX, relay.recv_from(&mut buf)).await.unwrap().unwrap();
     assert_eq!(got_from, from);
     buf.truncate(len);
     buf
@@ -384,27 +299,9 @@ async fn relayed_replay_and_forgeries_are_counted_and_dropped() {
     tampered[last] ^= 1;
     relay.send_to(&tampered, b).await.unwrap();
     // Node 1's own kind of datagram reflected back to it, and one for another module.
-    let reflected = encode(
-        &key(),
-        &HeartbeatHeader {
-            node: 1,
-            module_id: 42,
-            epoch: 5,
-            seq: 0,
-        },
-        &status(3),
-    );
+    let reflected = encode(&key(), &HeartbeatHeader { node: 1, module_id: 42, epoch: 5, seq: 0 }, &status(3));
     relay.send_to(&reflected, b).await.unwrap();
-    let other_module = encode(
-        &key(),
-        &HeartbeatHeader {
-            node: 0,
-            module_id: 43,
-            epoch: 5,
-            seq: 0,
-        },
-        &status(4),
-    );
+    let other_module = encode(&key(), &HeartbeatHeader { node: 0, module_id: 43, epoch: 5, seq: 0 }, &status(4));
     relay.send_to(&other_module, b).await.unwrap();
 
     let fresh = capture(&relay, &node0, a, status(5)).await;
@@ -425,16 +322,7 @@ async fn valid_datagram_from_another_address_is_dropped() {
     let node0 = Heartbeats::bind(key(), 0, 42, lan(a, b), 1).unwrap();
     let mut node1 = Heartbeats::bind(key(), 1, 42, lan(b, a), 2).unwrap();
     let elsewhere = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let valid = encode(
-        &key(),
-        &HeartbeatHeader {
-            node: 0,
-            module_id: 42,
-            epoch: u64::MAX,
-            seq: 0,
-        },
-        &status(9),
-    );
+    let valid = encode(&key(), &HeartbeatHeader { node: 0, module_id: 42, epoch: u64::MAX, seq: 0 }, &status(9));
     elsewhere.send_to(&valid, b).await.unwrap();
     node0.send(&status(1)).await;
     assert_eq!(recv(&mut node1).await, (0, status(1)));
@@ -447,8 +335,5 @@ async fn bind_failure_names_the_address() {
     let not_local: SocketAddr = "192.0.2.1:10004".parse().unwrap();
     let err = Heartbeats::bind(key(), 0, 1, lan(not_local, free_port()), 1).unwrap_err();
     let sentence = err.to_string();
-    assert!(
-        sentence.contains("192.0.2.1:10004") && sentence.contains("default"),
-        "{sentence}"
-    );
+    assert!(sentence.contains("192.0.2.1:10004") && sentence.contains("default"), "{sentence}");
 }

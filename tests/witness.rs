@@ -74,14 +74,8 @@ fn in_fresh_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     .unwrap()
 }
 
-fn reachable_within(
-    witness: IpAddr,
-    probe_for: Duration,
-) -> Result<bool, tokio::time::error::Elapsed> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+fn reachable_within(witness: IpAddr, probe_for: Duration) -> Result<bool, tokio::time::error::Elapsed> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async { timeout(AWAIT_MAX, witness_reachable(&[witness], probe_for)).await })
 }
 
@@ -103,9 +97,7 @@ fn silent_witness_is_unreachable_after_the_timeout() {
     }
     let answers = in_fresh_netns(|| {
         // Loopback up in this namespace, so probes leave without error.
-        let up = std::process::Command::new("ip")
-            .args(["link", "set", "lo", "up"])
-            .status();
+        let up = std::process::Command::new("ip").args(["link", "set", "lo", "up"]).status();
         if !up.is_ok_and(|s| s.success()) {
             return None;
         }
@@ -120,14 +112,7 @@ fn silent_witness_is_unreachable_after_the_timeout() {
         eprintln!("skipped: `ip link set lo up` failed");
         return;
     };
-    assert_eq!(
-        answering,
-        Ok(true),
-        "the namespace's loopback answers before pings are ignored"
-    );
+    assert_eq!(answering, Ok(true), "the namespace's loopback answers before pings are ignored");
     assert_eq!(silent, Ok(false));
-    assert!(
-        elapsed >= Duration::from_millis(500),
-        "gave up after {elapsed:?}"
-    );
+    assert!(elapsed >= Duration::from_millis(500), "gave up after {elapsed:?}");
 }

@@ -27,11 +27,7 @@ pub enum ApiError {
     #[error("module {module} is {state} on this node, not primary")]
     NotPrimary { module: String, state: String },
     #[error("module {module} did not answer the {command} command within {seconds} s; it may still apply it")]
-    CommandTimeout {
-        module: String,
-        command: &'static str,
-        seconds: u64,
-    },
+    CommandTimeout { module: String, command: &'static str, seconds: u64 },
     #[error("this daemon cannot load or drop modules while it runs; restart it instead")]
     ReloadUnavailable,
     #[error("the daemon did not finish reloading within {0} s")]
@@ -46,16 +42,12 @@ impl ApiError {
         match self {
             ApiError::Control(ControlError::UnknownModule(_)) => StatusCode::NOT_FOUND,
             ApiError::Control(ControlError::Refused(_)) => StatusCode::CONFLICT,
-            ApiError::Control(ControlError::Broken { .. } | ControlError::Gone(_)) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ApiError::Control(ControlError::Broken { .. } | ControlError::Gone(_)) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) | ApiError::NotPrimary { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::CommandTimeout { .. } | ApiError::ReloadTimeout(_) => {
-                StatusCode::GATEWAY_TIMEOUT
-            }
+            ApiError::CommandTimeout { .. } | ApiError::ReloadTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::ReloadUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -67,10 +59,9 @@ impl IntoResponse for ApiError {
         let body = serde_json::json!({ "error": self.to_string() });
         let mut response = (self.status(), Json(body)).into_response();
         if let ApiError::Unauthorized(_) = self {
-            response.headers_mut().insert(
-                axum::http::header::WWW_AUTHENTICATE,
-                axum::http::HeaderValue::from_static("Bearer"),
-            );
+            response
+                .headers_mut()
+                .insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
         }
         response
     }

@@ -41,18 +41,10 @@ pub(super) struct AppState {
 }
 
 /// Requests other than GET and HEAD need the token when one is set.
-pub(super) async fn require_token(
-    State(app): State<AppState>,
-    req: Request,
-    next: Next,
-) -> Response {
+pub(super) async fn require_token(State(app): State<AppState>, req: Request, next: Next) -> Response {
     if let Some(token) = &app.token {
         if req.method() != Method::GET && req.method() != Method::HEAD {
-            let given = req
-                .headers()
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(bearer);
+            let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer);
             if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
                 return ApiError::Unauthorized(app.token_hint.to_string()).into_response();
             }
@@ -82,8 +74,7 @@ pub(super) async fn get_module(
 ) -> Result<Json<ModuleView>, ApiError> {
     let Path(name) = path.map_err(bad_path)?;
     let view = app.control.read().await.get(&name);
-    view.map(Json)
-        .ok_or(ApiError::Control(ControlError::UnknownModule(name)))
+    view.map(Json).ok_or(ApiError::Control(ControlError::UnknownModule(name)))
 }
 
 pub(super) async fn command(
@@ -92,8 +83,7 @@ pub(super) async fn command(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Path((name, command)) = path.map_err(bad_path)?;
-    let body =
-        body.map_err(|e| ApiError::BadRequest(format!("cannot read the request body: {e}")))?;
+    let body = body.map_err(|e| ApiError::BadRequest(format!("cannot read the request body: {e}")))?;
     let command = parse_command(&command, &body)?;
     // Take the module's channel and let go of the lock before waiting: a slow module must
     // not hold up reloads or other modules' requests.
@@ -103,10 +93,9 @@ pub(super) async fn command(
             Some(handle) => handle.commands.clone(),
             None => {
                 return Err(match control.broken.get(&name) {
-                    Some(view) => ControlError::Broken {
-                        name: name.clone(),
-                        error: view.error.clone().unwrap_or_default(),
-                    },
+                    Some(view) => {
+                        ControlError::Broken { name: name.clone(), error: view.error.clone().unwrap_or_default() }
+                    }
                     None => ControlError::UnknownModule(name.clone()),
                 }
                 .into())
@@ -116,14 +105,8 @@ pub(super) async fn command(
     let command_name = command.name();
     let exchange = async {
         let (reply, answer) = oneshot::channel();
-        sender
-            .send(ModuleRequest { command, reply })
-            .await
-            .map_err(|_| ControlError::Gone(name.clone()))?;
-        answer
-            .await
-            .map_err(|_| ControlError::Gone(name.clone()))?
-            .map_err(ControlError::from)
+        sender.send(ModuleRequest { command, reply }).await.map_err(|_| ControlError::Gone(name.clone()))?;
+        answer.await.map_err(|_| ControlError::Gone(name.clone()))?.map_err(ControlError::from)
     };
     match tokio::time::timeout(COMMAND_REPLY_TIMEOUT, exchange).await {
         Ok(Ok(())) => Ok(Json(serde_json::json!({ "ok": true }))),
@@ -183,11 +166,7 @@ pub fn parse_command(command: &str, body: &[u8]) -> Result<AdminCommand, ApiErro
 
 /// A JSON object of options; an empty body means every option at its default.
 fn parse_body<T: DeserializeOwned>(body: &[u8], what: &str) -> Result<T, ApiError> {
-    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
-        b"{}"
-    } else {
-        body
-    };
+    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) { b"{}" } else { body };
     let bad = |why: String| ApiError::BadRequest(format!("{what} ({why})"));
     // Only an object: serde would also fill a struct from an array.
     let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| bad(e.to_string()))?;
@@ -211,22 +190,13 @@ pub(super) async fn log(
 ) -> Result<Json<Vec<String>>, ApiError> {
     let Path(name) = path.map_err(bad_path)?;
     let Query(query) = query.map_err(|e| {
-        ApiError::BadRequest(format!(
-            "the log query takes n=<lines> and user=true|false ({})",
-            e.body_text()
-        ))
+        ApiError::BadRequest(format!("the log query takes n=<lines> and user=true|false ({})", e.body_text()))
     })?;
     let n = query.n.unwrap_or(LOG_LINES_DEFAULT);
     if n > LOG_LINES_MAX {
-        return Err(ApiError::BadRequest(format!(
-            "n must be at most {LOG_LINES_MAX}, not {n}"
-        )));
+        return Err(ApiError::BadRequest(format!("n must be at most {LOG_LINES_MAX}, not {n}")));
     }
-    let file = app
-        .control
-        .read()
-        .await
-        .log_path(&name, query.user.unwrap_or(false))?;
+    let file = app.control.read().await.log_path(&name, query.user.unwrap_or(false))?;
     let shown = file.display().to_string();
     let lines = tokio::task::spawn_blocking(move || match logs::tail(&file, n) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
@@ -245,22 +215,12 @@ pub(super) async fn reload(
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     struct NoOptions {}
-    let body =
-        body.map_err(|e| ApiError::BadRequest(format!("cannot read the request body: {e}")))?;
+    let body = body.map_err(|e| ApiError::BadRequest(format!("cannot read the request body: {e}")))?;
     let NoOptions {} = parse_body(&body, "the body of reload must be empty or {}")?;
-    let sender = app
-        .control
-        .read()
-        .await
-        .reload
-        .clone()
-        .ok_or(ApiError::ReloadUnavailable)?;
+    let sender = app.control.read().await.reload.clone().ok_or(ApiError::ReloadUnavailable)?;
     let exchange = async {
         let (reply, answer) = oneshot::channel();
-        sender
-            .send(reply)
-            .await
-            .map_err(|_| ApiError::ReloadUnavailable)?;
+        sender.send(reply).await.map_err(|_| ApiError::ReloadUnavailable)?;
         answer.await.map_err(|_| ApiError::ReloadUnavailable)
     };
     match tokio::time::timeout(RELOAD_TIMEOUT, exchange).await {
@@ -280,18 +240,13 @@ pub(super) async fn health(
         return Err(ControlError::UnknownModule(name).into());
     };
     match view.status {
-        Some(s) if s.state.is_primary() => Ok((
-            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-            "OK\n",
-        )
-            .into_response()),
-        Some(s) => Err(ApiError::NotPrimary {
-            module: name,
-            state: s.state.to_string(),
-        }),
-        None => Err(ApiError::NotFound(format!(
-            "module {name} is not running on this node because of its configuration"
-        ))),
+        Some(s) if s.state.is_primary() => {
+            Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], "OK\n").into_response())
+        }
+        Some(s) => Err(ApiError::NotPrimary { module: name, state: s.state.to_string() }),
+        None => {
+            Err(ApiError::NotFound(format!("module {name} is not running on this node because of its configuration")))
+        }
     }
 }
 

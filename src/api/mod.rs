@@ -47,11 +47,7 @@ pub fn router(control: Arc<RwLock<Control>>, token: Option<String>) -> Router {
 }
 
 fn router_with_hint(control: Arc<RwLock<Control>>, token: Option<String>, hint: &str) -> Router {
-    let state = AppState {
-        control,
-        token: token.map(Arc::from),
-        token_hint: Arc::from(hint),
-    };
+    let state = AppState { control, token: token.map(Arc::from), token_hint: Arc::from(hint) };
     Router::new()
         .route("/api/v1/modules", get(handlers::list))
         .route("/api/v1/modules/{m}", get(handlers::get_module))
@@ -61,10 +57,7 @@ fn router_with_hint(control: Arc<RwLock<Control>>, token: Option<String>, hint: 
         .route("/health/{m}", get(handlers::health))
         .fallback(handlers::not_found)
         .method_not_allowed_fallback(handlers::method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            handlers::require_token,
-        ))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), handlers::require_token))
         .with_state(state)
 }
 
@@ -98,9 +91,8 @@ pub async fn serve(
         // An error means the sender is gone without a shutdown: stop as well.
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let unix_server = axum::serve(unix, router(control.clone(), None))
-        .with_graceful_shutdown(stopped(stop_rx.clone()))
-        .into_future();
+    let unix_server =
+        axum::serve(unix, router(control.clone(), None)).with_graceful_shutdown(stopped(stop_rx.clone())).into_future();
     let result = match tcp {
         None => unix_server.await,
         Some((listener, token)) => {
@@ -121,9 +113,8 @@ fn bind_unix(path: &Path) -> io::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     let shown = path.display();
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| {
-            io::Error::new(e.kind(), format!("cannot create {}: {e}", dir.display()))
-        })?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot create {}: {e}", dir.display())))?;
     }
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
@@ -133,12 +124,8 @@ fn bind_unix(path: &Path) -> io::Result<tokio::net::UnixListener> {
                     format!("another hamirror daemon already answers on {shown}"),
                 ));
             }
-            std::fs::remove_file(path).map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("cannot remove the stale socket {shown}: {e}"),
-                )
-            })?;
+            std::fs::remove_file(path)
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot remove the stale socket {shown}: {e}")))?;
         }
         Ok(_) => {
             return Err(io::Error::new(
@@ -147,12 +134,7 @@ fn bind_unix(path: &Path) -> io::Result<tokio::net::UnixListener> {
             ))
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(io::Error::new(
-                e.kind(),
-                format!("cannot inspect {shown}: {e}"),
-            ))
-        }
+        Err(e) => return Err(io::Error::new(e.kind(), format!("cannot inspect {shown}: {e}"))),
     }
     let listener = tokio::net::UnixListener::bind(path)
         .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {shown}: {e}")))?;
@@ -171,12 +153,7 @@ pub fn load_or_create_token(path: &Path) -> io::Result<String> {
         Ok(text) if !text.trim().is_empty() => return Ok(text.trim().to_string()),
         Ok(_) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(io::Error::new(
-                e.kind(),
-                format!("cannot read the API token {shown}: {e}"),
-            ))
-        }
+        Err(e) => return Err(io::Error::new(e.kind(), format!("cannot read the API token {shown}: {e}"))),
     }
     let mut bytes = [0u8; TOKEN_BYTES];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
@@ -185,18 +162,11 @@ pub fn load_or_create_token(path: &Path) -> io::Result<String> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(path)?;
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
         f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
         f.write_all(format!("{token}\n").as_bytes())?;
         f.sync_all()
     };
-    write().map_err(|e| {
-        io::Error::new(e.kind(), format!("cannot write the API token {shown}: {e}"))
-    })?;
+    write().map_err(|e| io::Error::new(e.kind(), format!("cannot write the API token {shown}: {e}")))?;
     Ok(token)
 }

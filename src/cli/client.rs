@@ -82,10 +82,7 @@ impl Response {
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 }
 
@@ -100,11 +97,7 @@ pub struct Client {
 
 impl Client {
     pub fn new(endpoint: Endpoint, token: Option<String>) -> Client {
-        Client {
-            endpoint,
-            token,
-            timeout: REPLY_TIMEOUT,
-        }
+        Client { endpoint, token, timeout: REPLY_TIMEOUT }
     }
 
     pub fn get(&self, path: &str) -> Result<Response, ClientError> {
@@ -112,29 +105,16 @@ impl Client {
     }
 
     /// POST with an optional JSON body.
-    pub fn post(
-        &self,
-        path: &str,
-        body: Option<&serde_json::Value>,
-    ) -> Result<Response, ClientError> {
+    pub fn post(&self, path: &str, body: Option<&serde_json::Value>) -> Result<Response, ClientError> {
         let body = body.map(|b| b.to_string().into_bytes());
         self.request("POST", path, body.as_deref())
     }
 
     /// Sends one request and reads the whole answer.
-    pub fn request(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&[u8]>,
-    ) -> Result<Response, ClientError> {
+    pub fn request(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<Response, ClientError> {
         let endpoint = self.endpoint.to_string();
-        let io_error = |error: io::Error| ClientError::Io {
-            endpoint: endpoint.clone(),
-            error,
-        };
-        let mut request =
-            format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+        let io_error = |error: io::Error| ClientError::Io { endpoint: endpoint.clone(), error };
+        let mut request = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
         if let Some(token) = &self.token {
             request.push_str(&format!("Authorization: Bearer {token}\r\n"));
         }
@@ -211,39 +191,23 @@ pub fn parse_response(raw: &[u8]) -> Result<Response, String> {
         .ok_or_else(|| format!("unexpected status line {status_line:?}"))?;
     let mut headers = Vec::new();
     for line in lines {
-        let (k, v) = line
-            .split_once(':')
-            .ok_or_else(|| format!("malformed header {line:?}"))?;
+        let (k, v) = line.split_once(':').ok_or_else(|| format!("malformed header {line:?}"))?;
         headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
     }
     let rest = &raw[head_end + 4..];
-    let header = |name: &str| {
-        headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    };
+    let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
     let body = if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
         decode_chunked(rest)?
     } else if let Some(len) = header("content-length") {
-        let len: usize = len
-            .parse()
-            .map_err(|_| format!("bad Content-Length {len:?}"))?;
+        let len: usize = len.parse().map_err(|_| format!("bad Content-Length {len:?}"))?;
         if rest.len() < len {
-            return Err(format!(
-                "the body ended after {} of {len} bytes",
-                rest.len()
-            ));
+            return Err(format!("the body ended after {} of {len} bytes", rest.len()));
         }
         rest[..len].to_vec()
     } else {
         rest.to_vec()
     };
-    Ok(Response {
-        status,
-        headers,
-        body,
-    })
+    Ok(Response { status, headers, body })
 }
 
 fn decode_chunked(mut rest: &[u8]) -> Result<Vec<u8>, String> {
@@ -252,8 +216,7 @@ fn decode_chunked(mut rest: &[u8]) -> Result<Vec<u8>, String> {
         let line_end = find(rest, b"\r\n").ok_or("a chunk size line is cut")?;
         let size_text = std::str::from_utf8(&rest[..line_end]).map_err(|_| "bad chunk size")?;
         let size_text = size_text.split(';').next().unwrap_or_default().trim();
-        let size = usize::from_str_radix(size_text, 16)
-            .map_err(|_| format!("bad chunk size {size_text:?}"))?;
+        let size = usize::from_str_radix(size_text, 16).map_err(|_| format!("bad chunk size {size_text:?}"))?;
         rest = &rest[line_end + 2..];
         if size == 0 {
             return Ok(body);
@@ -292,20 +255,17 @@ mod tests {
     fn parses_lengths_and_chunks() {
         let r = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA").unwrap();
         assert_eq!((r.status, r.body.as_slice()), (200, &b"ok"[..]));
-        let r = parse_response(b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=1\r\nde\r\n0\r\n\r\n")
-            .unwrap();
+        let r = parse_response(
+            b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=1\r\nde\r\n0\r\n\r\n",
+        )
+        .unwrap();
         assert_eq!((r.status, r.body.as_slice()), (404, &b"abcde"[..]));
         let r = parse_response(b"HTTP/1.0 503 Busy\r\nX-A: b\r\n\r\nrest").unwrap();
-        assert_eq!(
-            (r.status, r.body.as_slice(), r.header("x-a")),
-            (503, &b"rest"[..], Some("b"))
-        );
+        assert_eq!((r.status, r.body.as_slice(), r.header("x-a")), (503, &b"rest"[..], Some("b")));
         assert!(parse_response(b"garbage").is_err());
         assert!(parse_response(b"HTTP/1.1 abc\r\n\r\n").is_err());
         assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nshort").is_err());
-        assert!(
-            parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").is_err()
-        );
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").is_err());
     }
 
     // Module names with unusual characters cannot change the request path.

@@ -153,10 +153,7 @@ pub struct Failure {
 
 impl Failure {
     pub fn new(message: impl Into<String>) -> Failure {
-        Failure {
-            message: message.into(),
-            code: 1,
-        }
+        Failure { message: message.into(), code: 1 }
     }
 }
 
@@ -187,18 +184,11 @@ pub fn main() -> i32 {
 
 /// Runs one parsed command; `Ok` carries the exit code.
 pub fn run(cli: Cli) -> Result<i32, Failure> {
-    let ctx = Ctx {
-        paths: Paths::new(cli.home, cli.state_dir),
-        api: cli.api,
-    };
+    let ctx = Ctx { paths: Paths::new(cli.home, cli.state_dir), api: cli.api };
     match cli.command {
         Command::Daemon { listen } => {
             let api_listen = parse_listen(&listen)?;
-            let opts = crate::daemon::DaemonOptions {
-                paths: ctx.paths,
-                node: cli.node,
-                api_listen,
-            };
+            let opts = crate::daemon::DaemonOptions { paths: ctx.paths, node: cli.node, api_listen };
             crate::daemon::run(opts).map_err(|e| Failure::new(format!("{e:#}")))?;
             Ok(0)
         }
@@ -208,33 +198,15 @@ pub fn run(cli: Cli) -> Result<i32, Failure> {
         Command::Stop { module } => admin(&ctx, &module, "stop", None),
         Command::Restart { module } => admin(&ctx, &module, "restart", None),
         Command::Swap { module } => admin(&ctx, &module, "swap", None),
-        Command::Prim { module, force } => admin(
-            &ctx,
-            &module,
-            "prim",
-            Some(serde_json::json!({ "force": force })),
-        ),
-        Command::Second { module, full } => admin(
-            &ctx,
-            &module,
-            "second",
-            Some(serde_json::json!({ "full": full })),
-        ),
-        Command::Log {
-            module,
-            user,
-            lines,
-        } => log(&ctx, &module, user, lines),
+        Command::Prim { module, force } => admin(&ctx, &module, "prim", Some(serde_json::json!({ "force": force }))),
+        Command::Second { module, full } => admin(&ctx, &module, "second", Some(serde_json::json!({ "full": full }))),
+        Command::Log { module, user, lines } => log(&ctx, &module, user, lines),
         Command::Module { command } => match command {
-            ModuleCommand::Install { source, name } => {
-                modules::install(&ctx, &source, name.as_deref())
-            }
+            ModuleCommand::Install { source, name } => modules::install(&ctx, &source, name.as_deref()),
             ModuleCommand::List { json } => modules::list(&ctx, json),
             ModuleCommand::Remove { name } => modules::remove(&ctx, &name),
         },
-        Command::Cluster {
-            command: ClusterCommand::Genkey,
-        } => genkey(&ctx),
+        Command::Cluster { command: ClusterCommand::Genkey } => genkey(&ctx),
     }
 }
 
@@ -250,9 +222,7 @@ pub fn parse_listen(text: &str) -> Result<Option<SocketAddr>, Failure> {
     if let Ok(ip) = bare.parse::<IpAddr>() {
         return Ok(Some(SocketAddr::new(ip, DEFAULT_API_PORT)));
     }
-    Err(Failure::new(format!(
-        "--listen expects ADDR:PORT, an IP address, or none, not {text:?}"
-    )))
+    Err(Failure::new(format!("--listen expects ADDR:PORT, an IP address, or none, not {text:?}")))
 }
 
 /// What every client command needs.
@@ -279,12 +249,7 @@ impl Ctx {
     }
 
     /// Sends a request and turns any answer but 2xx into its error sentence.
-    pub fn call(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&serde_json::Value>,
-    ) -> Result<Response, Failure> {
+    pub fn call(&self, method: &str, path: &str, body: Option<&serde_json::Value>) -> Result<Response, Failure> {
         let client = self.client();
         let response = match method {
             "GET" => client.get(path)?,
@@ -303,11 +268,7 @@ fn with_default_port(addr: &str) -> String {
     if addr.parse::<SocketAddr>().is_ok() {
         return addr.to_string();
     }
-    if let Ok(ip) = addr
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .parse::<IpAddr>()
-    {
+    if let Ok(ip) = addr.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
         return SocketAddr::new(ip, DEFAULT_API_PORT).to_string();
     }
     if addr.contains(':') {
@@ -326,12 +287,7 @@ pub(crate) fn bad_answer(e: &serde_json::Error) -> Failure {
 }
 
 /// `start`, `stop`, `restart`, `swap`, `prim`, `second`.
-fn admin(
-    ctx: &Ctx,
-    module: &str,
-    command: &str,
-    body: Option<serde_json::Value>,
-) -> Result<i32, Failure> {
+fn admin(ctx: &Ctx, module: &str, command: &str, body: Option<serde_json::Value>) -> Result<i32, Failure> {
     let path = format!("{}/{command}", module_path(module));
     ctx.call("POST", &path, body.as_ref())?;
     println!("{module}: {command} accepted (follow it with `hamirror status {module}`)");
@@ -343,23 +299,15 @@ fn admin(
 fn log(ctx: &Ctx, module: &str, user: bool, lines: usize) -> Result<i32, Failure> {
     let shown: Vec<String> = if ctx.api.is_some() {
         let path = format!("{}/log?n={lines}&user={user}", module_path(module));
-        ctx.call("GET", &path, None)?
-            .json()
-            .map_err(|e| bad_answer(&e))?
+        ctx.call("GET", &path, None)?.json().map_err(|e| bad_answer(&e))?
     } else {
         modules::check_name(module)?;
-        let file = if user {
-            ctx.paths.user_log(module)
-        } else {
-            ctx.paths.module_log(module)
-        };
+        let file = if user { ctx.paths.user_log(module) } else { ctx.paths.module_log(module) };
         match crate::daemon::logs::tail(&file, lines) {
             Ok(l) => l,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 if !ctx.paths.module_dir(module).is_dir() {
-                    return Err(Failure::new(format!(
-                        "no module named {module} is installed"
-                    )));
+                    return Err(Failure::new(format!("no module named {module} is installed")));
                 }
                 Vec::new()
             }
@@ -389,18 +337,9 @@ mod tests {
     #[test]
     fn listen_forms() {
         assert_eq!(parse_listen("none").unwrap(), None);
-        assert_eq!(
-            parse_listen("127.0.0.1:80").unwrap(),
-            Some("127.0.0.1:80".parse().unwrap())
-        );
-        assert_eq!(
-            parse_listen("10.0.0.1").unwrap(),
-            Some("10.0.0.1:9010".parse().unwrap())
-        );
-        assert_eq!(
-            parse_listen("::1").unwrap(),
-            Some("[::1]:9010".parse().unwrap())
-        );
+        assert_eq!(parse_listen("127.0.0.1:80").unwrap(), Some("127.0.0.1:80".parse().unwrap()));
+        assert_eq!(parse_listen("10.0.0.1").unwrap(), Some("10.0.0.1:9010".parse().unwrap()));
+        assert_eq!(parse_listen("::1").unwrap(), Some("[::1]:9010".parse().unwrap()));
         assert!(parse_listen("hostA").is_err());
     }
 

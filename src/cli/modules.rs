@@ -23,9 +23,7 @@ const COPY_DEPTH_MAX: usize = 32;
 /// Refuses names the configuration would refuse, and anything that could leave `modules/`.
 pub(super) fn check_name(name: &str) -> Result<(), Failure> {
     let ok = (1..=MODULE_NAME_BYTES_MAX).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
     if ok {
         Ok(())
     } else {
@@ -43,10 +41,7 @@ pub fn template_dirs() -> Vec<PathBuf> {
         return vec![PathBuf::from(dir)];
     }
     let mut dirs = Vec::new();
-    if let Some(bin_dir) = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(Path::to_path_buf))
-    {
+    if let Some(bin_dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
         dirs.push(bin_dir.join("../share/hamirror/app-modules"));
     }
     dirs.push(PathBuf::from("/usr/share/hamirror/app-modules"));
@@ -61,8 +56,7 @@ fn resolve_source(source: &str) -> Result<PathBuf, Failure> {
         return Ok(as_dir.to_path_buf());
     }
     let dirs = template_dirs();
-    let is_template_name =
-        !source.is_empty() && !source.contains('/') && source != "." && source != "..";
+    let is_template_name = !source.is_empty() && !source.contains('/') && source != "." && source != "..";
     if is_template_name {
         if let Some(found) = dirs.iter().map(|d| d.join(source)).find(|p| p.is_dir()) {
             return Ok(found);
@@ -84,9 +78,7 @@ fn resolve_source(source: &str) -> Result<PathBuf, Failure> {
         }
         None => "no template directory was found (set HAMIRROR_TEMPLATES)".to_string(),
     };
-    Err(Failure::new(format!(
-        "there is no module directory or template named {source} ({hint})"
-    )))
+    Err(Failure::new(format!("there is no module directory or template named {source} ({hint})")))
 }
 
 /// The attributes of a userconfig.xml's root element, and where its start tag lies.
@@ -107,42 +99,27 @@ pub fn read_root(text: &str) -> Result<RootTag, String> {
     let mut reader = Reader::from_str(text);
     loop {
         let before = reader.buffer_position() as usize;
-        let event = reader
-            .read_event()
-            .map_err(|e| format!("malformed XML near byte {}: {e}", reader.error_position()))?;
+        let event =
+            reader.read_event().map_err(|e| format!("malformed XML near byte {}: {e}", reader.error_position()))?;
         let after = reader.buffer_position() as usize;
         let (tag, empty) = match event {
             Event::Start(t) => (t, false),
             Event::Empty(t) => (t, true),
             Event::Eof => return Err("it has no <module> element".to_string()),
-            Event::Decl(_)
-            | Event::Comment(_)
-            | Event::PI(_)
-            | Event::DocType(_)
-            | Event::Text(_) => continue,
+            Event::Decl(_) | Event::Comment(_) | Event::PI(_) | Event::DocType(_) | Event::Text(_) => continue,
             _ => return Err("its first element is not <module>".to_string()),
         };
         if tag.name().as_ref() != b"module" {
             let found = String::from_utf8_lossy(tag.name().as_ref()).into_owned();
             return Err(format!("its root element is <{found}>, not <module>"));
         }
-        let start = text[before..after]
-            .find('<')
-            .map(|i| before + i)
-            .ok_or("cannot locate <module>")?;
-        let mut root = RootTag {
-            span: (start, after),
-            empty,
-            ..RootTag::default()
-        };
+        let start = text[before..after].find('<').map(|i| before + i).ok_or("cannot locate <module>")?;
+        let mut root = RootTag { span: (start, after), empty, ..RootTag::default() };
         for attr in tag.attributes() {
             let attr = attr.map_err(|e| format!("malformed attribute on <module>: {e}"))?;
             let key = String::from_utf8_lossy(attr.key.as_ref()).into_owned();
             let raw = String::from_utf8_lossy(&attr.value).into_owned();
-            let value = attr
-                .unescape_value()
-                .map(|v| v.into_owned())
-                .unwrap_or_else(|_| raw.clone());
+            let value = attr.unescape_value().map(|v| v.into_owned()).unwrap_or_else(|_| raw.clone());
             match key.as_str() {
                 "name" => root.name = Some(value),
                 "mode" => root.mode = Some(value),
@@ -201,11 +178,7 @@ fn used_ids(modules_dir: &Path, except: &str) -> Vec<(u16, String)> {
         let Ok(text) = fs::read_to_string(entry.path().join("userconfig.xml")) else {
             continue;
         };
-        if let Some(id) = read_root(&text)
-            .ok()
-            .and_then(|r| r.id)
-            .and_then(|i| i.trim().parse().ok())
-        {
+        if let Some(id) = read_root(&text).ok().and_then(|r| r.id).and_then(|i| i.trim().parse().ok()) {
             used.push((id, name));
         }
     }
@@ -217,16 +190,12 @@ pub(super) fn install(ctx: &Ctx, source: &str, name: Option<&str>) -> Result<i32
     let src_config = src.join("userconfig.xml");
     let text = fs::read_to_string(&src_config).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
-            Failure::new(format!(
-                "{} is not a module directory: it has no userconfig.xml",
-                src.display()
-            ))
+            Failure::new(format!("{} is not a module directory: it has no userconfig.xml", src.display()))
         } else {
             Failure::new(format!("cannot read {}: {e}", src_config.display()))
         }
     })?;
-    let root =
-        read_root(&text).map_err(|why| Failure::new(format!("{}: {why}", src_config.display())))?;
+    let root = read_root(&text).map_err(|why| Failure::new(format!("{}: {why}", src_config.display())))?;
     let name = match name.map(str::to_string).or_else(|| root.name.clone()) {
         Some(n) => n,
         None => {
@@ -245,16 +214,12 @@ pub(super) fn install(ctx: &Ctx, source: &str, name: Option<&str>) -> Result<i32
             dest.display()
         )));
     }
-    let cluster = load_cluster(&paths.cluster_xml()).map_err(|e| {
-        Failure::new(format!(
-            "cannot install module {name} without a valid cluster.xml: {e}"
-        ))
-    })?;
+    let cluster = load_cluster(&paths.cluster_xml())
+        .map_err(|e| Failure::new(format!("cannot install module {name} without a valid cluster.xml: {e}")))?;
     let used = used_ids(&paths.modules_dir(), &name);
     let id = choose_id(root.id.as_deref(), &used, &src_config)?;
     if let Ok(src_abs) = fs::canonicalize(&src) {
-        let modules_abs =
-            fs::canonicalize(paths.modules_dir()).unwrap_or_else(|_| paths.modules_dir());
+        let modules_abs = fs::canonicalize(paths.modules_dir()).unwrap_or_else(|_| paths.modules_dir());
         if modules_abs.starts_with(&src_abs) {
             return Err(Failure::new(format!(
                 "cannot install {} into itself: the home's modules/ lies inside it",
@@ -263,12 +228,8 @@ pub(super) fn install(ctx: &Ctx, source: &str, name: Option<&str>) -> Result<i32
         }
     }
 
-    fs::create_dir_all(paths.modules_dir()).map_err(|e| {
-        Failure::new(format!(
-            "cannot create {}: {e}",
-            paths.modules_dir().display()
-        ))
-    })?;
+    fs::create_dir_all(paths.modules_dir())
+        .map_err(|e| Failure::new(format!("cannot create {}: {e}", paths.modules_dir().display())))?;
     let undo = |f: Failure| {
         let _ = fs::remove_dir_all(&dest);
         f
@@ -290,11 +251,7 @@ fn choose_id(written: Option<&str>, used: &[(u16, String)], file: &Path) -> Resu
     match written.map(str::trim) {
         None | Some("0") | Some("auto") => (1..=MODULE_ID_MAX)
             .find(|id| !taken.contains(id))
-            .ok_or_else(|| {
-                Failure::new(format!(
-                    "every module id from 1 to {MODULE_ID_MAX} is in use"
-                ))
-            }),
+            .ok_or_else(|| Failure::new(format!("every module id from 1 to {MODULE_ID_MAX} is in use"))),
         Some(text) => {
             let id: u16 = text.parse().ok().filter(|id| (1..=MODULE_ID_MAX).contains(id)).ok_or_else(|| {
                 Failure::new(format!(
@@ -315,11 +272,7 @@ fn choose_id(written: Option<&str>, used: &[(u16, String)], file: &Path) -> Resu
 
 /// The installed copy must load, alone and beside the other modules.
 fn validate(ctx: &Ctx, name: &str, cluster: &ClusterConfig) -> Result<(), Failure> {
-    let refused = |why: String| {
-        Failure::new(format!(
-            "module {name} is refused and was not installed: {why}"
-        ))
-    };
+    let refused = |why: String| Failure::new(format!("module {name} is refused and was not installed: {why}"));
     load_module(&ctx.paths.userconfig(name), cluster).map_err(|e| refused(e.to_string()))?;
     let set = load_modules(&ctx.paths, cluster);
     match set.refused.iter().find(|(n, _)| n == name) {
@@ -331,19 +284,12 @@ fn validate(ctx: &Ctx, name: &str, cluster: &ClusterConfig) -> Result<(), Failur
 /// Copies `src` to the new directory `dest`: files with their permissions, directories,
 /// symbolic links as links.
 fn copy_dir(src: &Path, dest: &Path, depth: usize) -> Result<(), Failure> {
-    let fail = |what: &str, p: &Path, e: std::io::Error| {
-        Failure::new(format!("cannot {what} {}: {e}", p.display()))
-    };
+    let fail = |what: &str, p: &Path, e: std::io::Error| Failure::new(format!("cannot {what} {}: {e}", p.display()));
     if depth > COPY_DEPTH_MAX {
-        return Err(Failure::new(format!(
-            "{} is nested too deeply to copy",
-            src.display()
-        )));
+        return Err(Failure::new(format!("{} is nested too deeply to copy", src.display())));
     }
     fs::create_dir(dest).map_err(|e| fail("create", dest, e))?;
-    let perms = fs::metadata(src)
-        .map_err(|e| fail("read", src, e))?
-        .permissions();
+    let perms = fs::metadata(src).map_err(|e| fail("read", src, e))?.permissions();
     fs::set_permissions(dest, perms).map_err(|e| fail("set the permissions of", dest, e))?;
     for entry in fs::read_dir(src).map_err(|e| fail("read", src, e))? {
         let entry = entry.map_err(|e| fail("read", src, e))?;
@@ -377,11 +323,7 @@ fn reload_after(ctx: &Ctx, installed: Option<&str>) -> Result<i32, Failure> {
             }
             return Ok(0);
         }
-        Err(e) => {
-            return Err(Failure::new(format!(
-                "the files are in place but the daemon was not told: {e}"
-            )))
-        }
+        Err(e) => return Err(Failure::new(format!("the files are in place but the daemon was not told: {e}"))),
     };
     if !response.is_success() {
         return Err(Failure::new(format!(
@@ -392,9 +334,7 @@ fn reload_after(ctx: &Ctx, installed: Option<&str>) -> Result<i32, Failure> {
     let report: ReloadReport = response.json().map_err(|e| bad_answer(&e))?;
     if let Some(name) = installed {
         if let Some((_, why)) = report.refused.iter().find(|(n, _)| n == name) {
-            return Err(Failure::new(format!(
-                "the daemon refused module {name}: {why}"
-            )));
+            return Err(Failure::new(format!("the daemon refused module {name}: {why}")));
         }
         if report.started.iter().any(|n| n == name) {
             println!("the daemon loaded module {name} (start it with `hamirror start {name}`)");
@@ -426,27 +366,15 @@ pub(super) fn list(ctx: &Ctx, json: bool) -> Result<i32, Failure> {
         return Ok(0);
     }
     if installed.is_empty() {
-        println!(
-            "no modules are installed in {}",
-            ctx.paths.modules_dir().display()
-        );
+        println!("no modules are installed in {}", ctx.paths.modules_dir().display());
         return Ok(0);
     }
-    let width = installed
-        .iter()
-        .map(|m| m.name.len())
-        .max()
-        .unwrap_or(0)
-        .max(4);
+    let width = installed.iter().map(|m| m.name.len()).max().unwrap_or(0).max(4);
     println!("{:<width$}  {:<4}  {:<6}  DIR", "NAME", "ID", "MODE");
     for m in &installed {
         let id = m.id.map_or("-".to_string(), |i| i.to_string());
         let mode = m.mode.as_deref().unwrap_or("-");
-        println!(
-            "{:<width$}  {id:<4}  {mode:<6}  {}",
-            m.name,
-            m.dir.display()
-        );
+        println!("{:<width$}  {id:<4}  {mode:<6}  {}", m.name, m.dir.display());
         if let Some(e) = &m.error {
             println!("    {e}");
         }
@@ -474,18 +402,11 @@ fn installed(ctx: &Ctx) -> Result<Vec<Installed>, Failure> {
     };
     let mut out = Vec::new();
     for name in names {
-        let root = fs::read_to_string(ctx.paths.userconfig(&name))
-            .ok()
-            .and_then(|t| read_root(&t).ok());
+        let root = fs::read_to_string(ctx.paths.userconfig(&name)).ok().and_then(|t| read_root(&t).ok());
         let mut item = Installed {
             name: name.clone(),
-            id: root
-                .as_ref()
-                .and_then(|r| r.id.as_deref())
-                .and_then(|i| i.trim().parse().ok()),
-            mode: root
-                .as_ref()
-                .map(|r| r.mode.clone().unwrap_or_else(|| "mirror".to_string())),
+            id: root.as_ref().and_then(|r| r.id.as_deref()).and_then(|i| i.trim().parse().ok()),
+            mode: root.as_ref().map(|r| r.mode.clone().unwrap_or_else(|| "mirror".to_string())),
             dir: ctx.paths.module_dir(&name),
             error: None,
         };
@@ -532,8 +453,7 @@ pub(super) fn remove(ctx: &Ctx, name: &str) -> Result<i32, Failure> {
         Err(ClientError::Unreachable(_)) => {}
         Err(e) => return Err(e.into()),
     }
-    fs::remove_dir_all(&dest)
-        .map_err(|e| Failure::new(format!("cannot remove {}: {e}", dest.display())))?;
+    fs::remove_dir_all(&dest).map_err(|e| Failure::new(format!("cannot remove {}: {e}", dest.display())))?;
     println!(
         "removed module {name} ({}); its state and logs in {} are kept",
         dest.display(),
@@ -558,17 +478,11 @@ mod tests {
         let out = rewrite_root(TEXT, &root, "web01", 7);
         assert_eq!(
             out,
-            TEXT.replace(
-                "name=\"mirror\" mode=\"mirror\" id=\"auto\"",
-                "name=\"web01\" mode=\"mirror\" id=\"7\""
-            )
+            TEXT.replace("name=\"mirror\" mode=\"mirror\" id=\"auto\"", "name=\"web01\" mode=\"mirror\" id=\"7\"")
         );
         let bare = "<module mode='mirror'/>";
         let root = read_root(bare).unwrap();
-        assert_eq!(
-            rewrite_root(bare, &root, "a", 1),
-            "<module mode=\"mirror\" name=\"a\" id=\"1\"/>"
-        );
+        assert_eq!(rewrite_root(bare, &root, "a", 1), "<module mode=\"mirror\" name=\"a\" id=\"1\"/>");
         assert!(read_root("<cluster/>").is_err());
         assert!(read_root("").is_err());
         assert!(read_root("<module name=\"x").is_err());
@@ -583,10 +497,7 @@ mod tests {
         assert_eq!(choose_id(Some("0"), &used, f).unwrap(), 2);
         assert_eq!(choose_id(None, &[], f).unwrap(), 1);
         assert_eq!(choose_id(Some("5"), &used, f).unwrap(), 5);
-        assert!(choose_id(Some("3"), &used, f)
-            .unwrap_err()
-            .message
-            .contains("module b"));
+        assert!(choose_id(Some("3"), &used, f).unwrap_err().message.contains("module b"));
         assert!(choose_id(Some("1001"), &used, f).is_err());
         assert!(choose_id(Some("x"), &used, f).is_err());
     }

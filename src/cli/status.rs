@@ -35,17 +35,8 @@ pub fn table(views: &[ModuleView]) -> String {
     for v in views {
         let (cells, note) = match &v.status {
             None => (
-                [
-                    v.name.clone(),
-                    "ERROR".into(),
-                    "-".into(),
-                    "-".into(),
-                    "-".into(),
-                ],
-                Some(format!(
-                    "configuration error: {}",
-                    v.error.as_deref().unwrap_or("unknown")
-                )),
+                [v.name.clone(), "ERROR".into(), "-".into(), "-".into(), "-".into()],
+                Some(format!("configuration error: {}", v.error.as_deref().unwrap_or("unknown"))),
             ),
             Some(s) => {
                 let state = match s.transition {
@@ -127,9 +118,7 @@ pub(super) fn state(ctx: &Ctx, module: &str, quiet: bool) -> i32 {
         }
         None => {
             let error = view.error.unwrap_or_default();
-            eprintln!(
-                "hamirror: module {module} is not running because of its configuration: {error}"
-            );
+            eprintln!("hamirror: module {module} is not running because of its configuration: {error}");
             STATE_EXIT_UNKNOWN
         }
     }

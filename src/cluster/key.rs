@@ -57,11 +57,7 @@ pub enum KeyError {
     #[error("the cluster key {} is not 64 hexadecimal characters; create a new one with `hamirror cluster genkey` and copy it to both nodes", .path.display())]
     Malformed { path: PathBuf },
     #[error("the cluster key {} is {access} by other users (mode {mode:04o}); run chmod 600 {}", .path.display(), .path.display())]
-    TooOpen {
-        path: PathBuf,
-        access: &'static str,
-        mode: u32,
-    },
+    TooOpen { path: PathBuf, access: &'static str, mode: u32 },
 }
 
 /// Write a new random key to `path` (64 hex characters and a newline, mode 0600).
@@ -70,54 +66,27 @@ pub fn genkey(path: &Path) -> Result<(), KeyError> {
     let key = ClusterKey::generate();
     let mut text = hex::encode(key.as_bytes());
     text.push('\n');
-    let mut file = match OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-    {
+    let mut file = match OpenOptions::new().write(true).create_new(true).mode(0o600).open(path) {
         Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-            return Err(KeyError::Exists {
-                path: path.to_path_buf(),
-            })
+            return Err(KeyError::Exists { path: path.to_path_buf() })
         }
-        Err(source) => {
-            return Err(KeyError::Create {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
+        Err(source) => return Err(KeyError::Create { path: path.to_path_buf(), source }),
     };
     file.write_all(text.as_bytes())
         .and_then(|()| file.sync_all())
-        .map_err(|source| KeyError::Create {
-            path: path.to_path_buf(),
-            source,
-        })
+        .map_err(|source| KeyError::Create { path: path.to_path_buf(), source })
 }
 
 /// Read the key at `path`, refusing a file that other users can read or write.
 pub fn load_key(path: &Path) -> Result<ClusterKey, KeyError> {
     let file = match File::open(path) {
         Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(KeyError::Missing {
-                path: path.to_path_buf(),
-            })
-        }
-        Err(source) => {
-            return Err(KeyError::Read {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(KeyError::Missing { path: path.to_path_buf() }),
+        Err(source) => return Err(KeyError::Read { path: path.to_path_buf(), source }),
     };
     // The mode is taken from the open file, so it is the mode of what is read.
-    let meta = file.metadata().map_err(|source| KeyError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let meta = file.metadata().map_err(|source| KeyError::Read { path: path.to_path_buf(), source })?;
     if !meta.is_file() {
         return Err(KeyError::Read {
             path: path.to_path_buf(),
@@ -133,30 +102,17 @@ pub fn load_key(path: &Path) -> Result<ClusterKey, KeyError> {
         None
     };
     if let Some(access) = access {
-        return Err(KeyError::TooOpen {
-            path: path.to_path_buf(),
-            access,
-            mode,
-        });
+        return Err(KeyError::TooOpen { path: path.to_path_buf(), access, mode });
     }
     let mut text = String::new();
-    file.take(KEY_FILE_BYTES_MAX)
-        .read_to_string(&mut text)
-        .map_err(|source| match source.kind() {
-            io::ErrorKind::InvalidData => KeyError::Malformed {
-                path: path.to_path_buf(),
-            },
-            _ => KeyError::Read {
-                path: path.to_path_buf(),
-                source,
-            },
-        })?;
+    file.take(KEY_FILE_BYTES_MAX).read_to_string(&mut text).map_err(|source| match source.kind() {
+        io::ErrorKind::InvalidData => KeyError::Malformed { path: path.to_path_buf() },
+        _ => KeyError::Read { path: path.to_path_buf(), source },
+    })?;
     let hex_text = text.trim_end_matches(['\n', '\r']);
     let mut bytes = [0u8; KEY_BYTES];
     if hex_text.len() != KEY_HEX_CHARS || hex::decode_to_slice(hex_text, &mut bytes).is_err() {
-        return Err(KeyError::Malformed {
-            path: path.to_path_buf(),
-        });
+        return Err(KeyError::Malformed { path: path.to_path_buf() });
     }
     Ok(ClusterKey(bytes))
 }
@@ -182,11 +138,7 @@ mod tests {
         assert_eq!(hex::encode(key.as_bytes()), text.trim_end());
         let err = genkey(&path).unwrap_err();
         assert!(matches!(err, KeyError::Exists { .. }), "{err}");
-        assert_eq!(
-            fs::read_to_string(&path).unwrap(),
-            text,
-            "the existing key must be kept"
-        );
+        assert_eq!(fs::read_to_string(&path).unwrap(), text, "the existing key must be kept");
     }
 
     // Debug output of a key never contains the key.
@@ -210,13 +162,7 @@ mod tests {
             fs::write(&path, text).unwrap();
             fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
         };
-        for bad in [
-            &b"abcd\n"[..],
-            &[b'g'; 64][..],
-            &[b'a'; 66][..],
-            &[0xff; 64][..],
-            b"",
-        ] {
+        for bad in [&b"abcd\n"[..], &[b'g'; 64][..], &[b'a'; 66][..], &[0xff; 64][..], b""] {
             write(bad, 0o600);
             let err = load_key(&path).unwrap_err();
             assert!(matches!(err, KeyError::Malformed { .. }), "{err}");
@@ -225,10 +171,7 @@ mod tests {
         write(&[b'a'; 64], 0o644);
         let err = load_key(&path).unwrap_err();
         let sentence = err.to_string();
-        assert!(
-            sentence.contains("is readable by other users (mode 0644); run chmod 600"),
-            "{sentence}"
-        );
+        assert!(sentence.contains("is readable by other users (mode 0644); run chmod 600"), "{sentence}");
         write(&[b'a'; 64], 0o620);
         let err = load_key(&path).unwrap_err();
         assert!(err.to_string().contains("writable"), "{err}");
@@ -238,10 +181,7 @@ mod tests {
 
         write(&[b'a'; 64], 0o600);
         assert_eq!(load_key(&path).unwrap().as_bytes(), &[0xaa; KEY_BYTES]);
-        write(
-            b"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\r\n",
-            0o400,
-        );
+        write(b"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\r\n", 0o400);
         assert_eq!(load_key(&path).unwrap().as_bytes(), &[0xaa; KEY_BYTES]);
     }
 }

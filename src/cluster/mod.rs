@@ -11,6 +11,4 @@ pub mod wire;
 
 pub use key::{genkey, load_key, ClusterKey, KeyError};
 pub use transport::{HeartbeatLan, Heartbeats, RejectCounters};
-pub use wire::{
-    decode, encode, epoch_now, HeartbeatHeader, ReplayGuard, WireError, DATAGRAM_BYTES_MAX,
-};
+pub use wire::{decode, encode, epoch_now, HeartbeatHeader, ReplayGuard, WireError, DATAGRAM_BYTES_MAX};

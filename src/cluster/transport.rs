@@ -135,11 +135,7 @@ struct Shared {
 
 impl Shared {
     fn reject(&self, reason: Reason, lan: &str, from: SocketAddr, why: &dyn fmt::Display) {
-        let count = self
-            .counters
-            .counter(reason)
-            .fetch_add(1, Ordering::Relaxed)
-            + 1;
+        let count = self.counters.counter(reason).fetch_add(1, Ordering::Relaxed) + 1;
         let now = Instant::now();
         let warn_now = {
             // A poisoned lock only means another thread panicked while logging: keep going.
@@ -187,11 +183,7 @@ struct Freshness {
 
 impl Freshness {
     fn new(lans: usize) -> Freshness {
-        Freshness {
-            guards: vec![ReplayGuard::new(); lans],
-            newest: None,
-            seen_bits: 0,
-        }
+        Freshness { guards: vec![ReplayGuard::new(); lans], newest: None, seen_bits: 0 }
     }
 
     fn admit(&mut self, lan: usize, header: &HeartbeatHeader) -> Result<(), WireError> {
@@ -218,11 +210,7 @@ impl Freshness {
             }
             Some((epoch, seq)) if epoch == header.epoch => {
                 let shift = header.seq - seq;
-                self.seen_bits = if shift >= SEEN_WINDOW_DATAGRAMS {
-                    0
-                } else {
-                    self.seen_bits << shift
-                };
+                self.seen_bits = if shift >= SEEN_WINDOW_DATAGRAMS { 0 } else { self.seen_bits << shift };
                 self.seen_bits |= 1;
                 self.newest = Some((epoch, header.seq));
             }
@@ -274,10 +262,7 @@ impl Heartbeats {
         epoch: u64,
     ) -> io::Result<Heartbeats> {
         if node_index > 1 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("node index {node_index} is not 0 or 1"),
-            ));
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("node index {node_index} is not 0 or 1")));
         }
         if lans.is_empty() {
             return Err(io::Error::new(
@@ -286,14 +271,9 @@ impl Heartbeats {
             ));
         }
         if tokio::runtime::Handle::try_current().is_err() {
-            return Err(io::Error::other(
-                "the heartbeat transport must be created inside a Tokio runtime",
-            ));
+            return Err(io::Error::other("the heartbeat transport must be created inside a Tokio runtime"));
         }
-        let sockets = lans
-            .iter()
-            .map(|lan| bind_socket(lan).map(Arc::new))
-            .collect::<io::Result<Vec<_>>>()?;
+        let sockets = lans.iter().map(|lan| bind_socket(lan).map(Arc::new)).collect::<io::Result<Vec<_>>>()?;
         let shared = Arc::new(Shared {
             counters: Arc::new(RejectCounters::default()),
             module_id,
@@ -346,10 +326,7 @@ impl Heartbeats {
             };
             let datagram = wire::encode(&self.key, &header, status);
             if let Err(e) = socket.send_to(&datagram, lan.peer).await {
-                self.shared
-                    .counters
-                    .send_errors
-                    .fetch_add(1, Ordering::Relaxed);
+                self.shared.counters.send_errors.fetch_add(1, Ordering::Relaxed);
                 debug!(module_id = self.module_id, lan = %lan.name, peer = %lan.peer, "cannot send a heartbeat: {e}");
             }
         }
@@ -367,8 +344,7 @@ impl Heartbeats {
                 Ok(()) => return (got.lan, got.status),
                 Err(e) => {
                     let lan = &self.lans[got.lan].name;
-                    let why =
-                        format_args!("{e} (epoch {} seq {})", got.header.epoch, got.header.seq);
+                    let why = format_args!("{e} (epoch {} seq {})", got.header.epoch, got.header.seq);
                     self.shared.reject(Reason::Replayed, lan, got.from, &why);
                 }
             }
@@ -395,20 +371,9 @@ impl Drop for Heartbeats {
 
 fn bind_socket(lan: &HeartbeatLan) -> io::Result<UdpSocket> {
     let named = |e: io::Error| {
-        io::Error::new(
-            e.kind(),
-            format!(
-                "cannot bind the heartbeat socket of lan {} to {}: {e}",
-                lan.name, lan.local
-            ),
-        )
+        io::Error::new(e.kind(), format!("cannot bind the heartbeat socket of lan {} to {}: {e}", lan.name, lan.local))
     };
-    let socket = Socket::new(
-        Domain::for_address(lan.local),
-        Type::DGRAM,
-        Some(Protocol::UDP),
-    )
-    .map_err(named)?;
+    let socket = Socket::new(Domain::for_address(lan.local), Type::DGRAM, Some(Protocol::UDP)).map_err(named)?;
     socket.set_reuse_address(true).map_err(named)?;
     socket.set_nonblocking(true).map_err(named)?;
     socket.bind(&lan.local.into()).map_err(named)?;
@@ -435,10 +400,7 @@ impl Reader {
             let (len, from) = match self.socket.recv_from(&mut buf).await {
                 Ok(got) => got,
                 Err(e) => {
-                    self.shared
-                        .counters
-                        .recv_errors
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.shared.counters.recv_errors.fetch_add(1, Ordering::Relaxed);
                     debug!(module_id = self.module_id, lan = %self.lan.name, "cannot receive a heartbeat: {e}");
                     tokio::time::sleep(RECV_ERROR_BACKOFF).await;
                     continue;
@@ -457,8 +419,7 @@ impl Reader {
                     "it comes from {from} with node index {}, but the peer on this lan is {} with node index {}",
                     header.node, self.lan.peer, self.peer_node
                 );
-                self.shared
-                    .reject(Reason::WrongSender, &self.lan.name, from, &why);
+                self.shared.reject(Reason::WrongSender, &self.lan.name, from, &why);
                 continue;
             }
             if header.module_id != self.module_id {
@@ -466,16 +427,10 @@ impl Reader {
                     "it is for module id {}, but this port belongs to module id {}",
                     header.module_id, self.module_id
                 );
-                self.shared
-                    .reject(Reason::WrongModule, &self.lan.name, from, &why);
+                self.shared.reject(Reason::WrongModule, &self.lan.name, from, &why);
                 continue;
             }
-            let got = Authenticated {
-                lan: self.index,
-                from,
-                header,
-                status,
-            };
+            let got = Authenticated { lan: self.index, from, header, status };
             if self.tx.send(got).await.is_err() {
                 return; // Heartbeats was dropped.
             }
@@ -488,12 +443,7 @@ mod tests {
     use super::*;
 
     fn header(epoch: u64, seq: u64) -> HeartbeatHeader {
-        HeartbeatHeader {
-            node: 1,
-            module_id: 7,
-            epoch,
-            seq,
-        }
+        HeartbeatHeader { node: 1, module_id: 7, epoch, seq }
     }
 
     // A datagram that overtakes an older one sent on another lan does not make that one look replayed.
@@ -531,10 +481,6 @@ mod tests {
         assert_eq!(f.admit(1, &header(6, 1)), Ok(()));
         assert_eq!(f.admit(0, &header(6, 0)), Ok(()));
         assert_eq!(f.admit(0, &header(5, 2000)), Err(WireError::Replayed));
-        assert_eq!(
-            f.admit(2, &header(7, 0)),
-            Err(WireError::Replayed),
-            "unknown lan"
-        );
+        assert_eq!(f.admit(2, &header(7, 0)), Err(WireError::Replayed), "unknown lan");
     }
 }

@@ -63,13 +63,13 @@ pub enum WireError {
     BadMagic,
     #[error("the heartbeat has protocol version {0} but this node speaks version {v}: run the same hamirror version on both nodes", v = VERSION)]
     BadVersion(u8),
-    #[error("the heartbeat failed authentication: the nodes have different cluster keys, or the datagram was tampered with")]
+    #[error(
+        "the heartbeat failed authentication: the nodes have different cluster keys, or the datagram was tampered with"
+    )]
     BadMac,
     #[error("the authenticated heartbeat is malformed: {0}")]
     Malformed(&'static str),
-    #[error(
-        "the heartbeat is a replay, or older than the newest one already accepted from this sender"
-    )]
+    #[error("the heartbeat is a replay, or older than the newest one already accepted from this sender")]
     Replayed,
 }
 
@@ -79,10 +79,7 @@ pub enum WireError {
 /// go backwards across a restart (no RTC, NTP stepping back), the daemon should use
 /// `max(epoch_now(), last_persisted_epoch + 1)`.
 pub fn epoch_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)).unwrap_or(0)
 }
 
 fn mac(key: &ClusterKey) -> HmacSha256 {
@@ -96,10 +93,7 @@ fn mac(key: &ClusterKey) -> HmacSha256 {
 /// [`HISTORY_MAX`] generations always fits (tested), so that is a programming error.
 pub fn encode(key: &ClusterKey, header: &HeartbeatHeader, status: &PeerStatus) -> Vec<u8> {
     assert!(header.node <= 1, "node index {} is not 0 or 1", header.node);
-    assert!(
-        status.history.len() <= HISTORY_MAX,
-        "history longer than HISTORY_MAX"
-    );
+    assert!(status.history.len() <= HISTORY_MAX, "history longer than HISTORY_MAX");
     let payload = postcard::to_allocvec(status).expect("PeerStatus always serializes");
     assert!(
         payload.len() <= PAYLOAD_BYTES_MAX,
@@ -124,10 +118,7 @@ pub fn encode(key: &ClusterKey, header: &HeartbeatHeader, status: &PeerStatus) -
 }
 
 /// Authenticate and parse one datagram. Never panics, whatever the bytes.
-pub fn decode(
-    key: &ClusterKey,
-    datagram: &[u8],
-) -> Result<(HeartbeatHeader, PeerStatus), WireError> {
+pub fn decode(key: &ClusterKey, datagram: &[u8]) -> Result<(HeartbeatHeader, PeerStatus), WireError> {
     if datagram.len() < DATAGRAM_BYTES_MIN {
         return Err(WireError::TooShort(datagram.len()));
     }
@@ -163,9 +154,7 @@ pub fn decode(
     let payload_len = usize::from(u16::from_be_bytes([signed[24], signed[25]]));
     let payload = &signed[HEADER_BYTES..];
     if payload.len() != payload_len {
-        return Err(WireError::Malformed(
-            "the payload length does not match the datagram",
-        ));
+        return Err(WireError::Malformed("the payload length does not match the datagram"));
     }
     let (status, rest) = postcard::take_from_bytes::<PeerStatus>(payload)
         .map_err(|_| WireError::Malformed("the payload does not decode"))?;

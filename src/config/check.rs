@@ -40,44 +40,22 @@ impl<'a> Ck<'a> {
         if el.name == name {
             Ok(())
         } else {
-            Err(ConfigError::unknown_element(
-                self.file,
-                el.line,
-                &el.name,
-                None,
-                &[name],
-            ))
+            Err(ConfigError::unknown_element(self.file, el.line, &el.name, None, &[name]))
         }
     }
 
     /// Every attribute of `el` is one of `allowed`.
     pub fn attrs(&self, el: &Element, allowed: &[&str]) -> R<()> {
-        match el
-            .attrs
-            .iter()
-            .find(|a| !allowed.contains(&a.name.as_str()))
-        {
-            Some(a) => Err(ConfigError::unknown_attr(
-                self.file, a.line, &el.name, &a.name, allowed,
-            )),
+        match el.attrs.iter().find(|a| !allowed.contains(&a.name.as_str())) {
+            Some(a) => Err(ConfigError::unknown_attr(self.file, a.line, &el.name, &a.name, allowed)),
             None => Ok(()),
         }
     }
 
     /// Every child of `el` is one of `allowed`.
     pub fn children(&self, el: &Element, allowed: &[&str]) -> R<()> {
-        match el
-            .children
-            .iter()
-            .find(|c| !allowed.contains(&c.name.as_str()))
-        {
-            Some(c) => Err(ConfigError::unknown_element(
-                self.file,
-                c.line,
-                &c.name,
-                Some(&el.name),
-                allowed,
-            )),
+        match el.children.iter().find(|c| !allowed.contains(&c.name.as_str())) {
+            Some(c) => Err(ConfigError::unknown_element(self.file, c.line, &c.name, Some(&el.name), allowed)),
             None => Ok(()),
         }
     }
@@ -98,20 +76,12 @@ impl<'a> Ck<'a> {
 
     /// The attribute `name`, which must be present.
     pub fn req<'e>(&self, el: &'e Element, name: &str, expected: &str) -> R<&'e Attr> {
-        el.attr(name)
-            .ok_or_else(|| ConfigError::missing_attr(self.file, el.line, &el.name, name, expected))
+        el.attr(name).ok_or_else(|| ConfigError::missing_attr(self.file, el.line, &el.name, name, expected))
     }
 
     /// `<el> attribute "a": expected .., found "value"`.
     pub fn bad(&self, el: &Element, a: &Attr, expected: impl Into<String>) -> ConfigError {
-        ConfigError::invalid_attr(
-            self.file,
-            a.line,
-            &el.name,
-            &a.name,
-            expected,
-            a.value.clone(),
-        )
+        ConfigError::invalid_attr(self.file, a.line, &el.name, &a.name, expected, a.value.clone())
     }
 
     /// Like [`Ck::bad`] for the attribute called `name`; falls back to the element when the
@@ -124,12 +94,7 @@ impl<'a> Ck<'a> {
     }
 
     /// `<el>: expected .., found ..`.
-    pub fn bad_el(
-        &self,
-        el: &Element,
-        expected: impl Into<String>,
-        found: impl Into<String>,
-    ) -> ConfigError {
+    pub fn bad_el(&self, el: &Element, expected: impl Into<String>, found: impl Into<String>) -> ConfigError {
         ConfigError::invalid_element(self.file, el.line, &el.name, expected, found)
     }
 
@@ -142,23 +107,13 @@ impl<'a> Ck<'a> {
     }
 
     /// A duration attribute, `default` when absent, and at least `min`.
-    pub fn duration(
-        &self,
-        el: &Element,
-        name: &str,
-        default: Duration,
-        min: Duration,
-    ) -> R<Duration> {
+    pub fn duration(&self, el: &Element, name: &str, default: Duration, min: Duration) -> R<Duration> {
         let Some(a) = el.attr(name) else {
             return Ok(default);
         };
         let d = units::duration(&a.value).map_err(|e| self.unit_error(el, a, e))?;
         if d < min {
-            return Err(self.bad(
-                el,
-                a,
-                format!("a duration of at least {}", format_duration(min)),
-            ));
+            return Err(self.bad(el, a, format!("a duration of at least {}", format_duration(min))));
         }
         Ok(d)
     }
@@ -206,11 +161,7 @@ impl<'a> Ck<'a> {
         let a = match (el.attr(name), default) {
             (Some(a), _) => a,
             (None, Some(d)) => return Ok(d),
-            (None, None) => {
-                return Err(ConfigError::missing_attr(
-                    self.file, el.line, &el.name, name, expected,
-                ))
-            }
+            (None, None) => return Err(ConfigError::missing_attr(self.file, el.line, &el.name, name, expected)),
         };
         let v = a.value.trim();
         if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
@@ -228,13 +179,7 @@ impl<'a> Ck<'a> {
     }
 
     /// The attribute `name` must exist and match `valid`.
-    pub fn name(
-        &self,
-        el: &Element,
-        name: &str,
-        valid: fn(&str) -> bool,
-        expected: &str,
-    ) -> R<String> {
+    pub fn name(&self, el: &Element, name: &str, valid: fn(&str) -> bool, expected: &str) -> R<String> {
         let a = self.req(el, name, expected)?;
         if valid(&a.value) {
             Ok(a.value.clone())

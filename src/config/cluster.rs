@@ -41,10 +41,7 @@ pub fn parse_cluster(text: &str, file: &Path) -> Result<ClusterConfig, ConfigErr
         if let Some(prev) = lan_lines.get(&lan.name) {
             return Err(ck
                 .bad_named(lan_el, "name", "a lan name used once")
-                .with_note(format!(
-                    "lan \"{}\" is already defined on line {prev}",
-                    lan.name
-                )));
+                .with_note(format!("lan \"{}\" is already defined on line {prev}", lan.name)));
         }
         lan_lines.insert(lan.name.clone(), lan_el.line);
         let set: BTreeSet<String> = lan.nodes.iter().map(|n| n.name.clone()).collect();
@@ -97,34 +94,22 @@ fn parse_lan(ck: &Ck<'_>, el: &Element) -> R<Lan> {
         let node_name = ck.name(n, "name", is_node_name, NODE_NAME_EXPECTED)?;
         let addr_attr = ck.req(n, "addr", ADDR_EXPECTED)?;
         let addr = ck.ip(n, addr_attr, ADDR_EXPECTED)?;
-        if addr.is_unspecified()
-            || addr.is_multicast()
-            || addr == IpAddr::from([255, 255, 255, 255])
-        {
+        if addr.is_unspecified() || addr.is_multicast() || addr == IpAddr::from([255, 255, 255, 255]) {
             return Err(ck.bad(n, addr_attr, ADDR_EXPECTED));
         }
         if let Some(prev) = names.get(&node_name) {
             return Err(ck
                 .bad_named(n, "name", format!("each node once in lan \"{name}\""))
-                .with_note(format!(
-                    "node \"{node_name}\" is already listed on line {prev}"
-                )));
+                .with_note(format!("node \"{node_name}\" is already listed on line {prev}")));
         }
         if let Some((other, prev)) = addrs.get(&addr) {
             return Err(ck
-                .bad(
-                    n,
-                    addr_attr,
-                    format!("an address not used by another node of lan \"{name}\""),
-                )
+                .bad(n, addr_attr, format!("an address not used by another node of lan \"{name}\""))
                 .with_note(format!("node \"{other}\" has it on line {prev}")));
         }
         names.insert(node_name.clone(), n.line);
         addrs.insert(addr, (node_name.clone(), n.line));
-        nodes.push(LanNode {
-            name: node_name,
-            addr,
-        });
+        nodes.push(LanNode { name: node_name, addr });
     }
     Ok(Lan { name, nodes })
 }
@@ -137,11 +122,7 @@ pub enum LocalNodeError {
         .known.join(", "),
         .suggestion.as_ref().map(|s| format!(" (did you mean \"{s}\"?)")).unwrap_or_default()
     )]
-    UnknownNode {
-        requested: String,
-        known: Vec<String>,
-        suggestion: Option<String>,
-    },
+    UnknownNode { requested: String, known: Vec<String>, suggestion: Option<String> },
     #[error(
         "no address of the cluster.xml nodes ({}) is on this host; say which node this is with --node NAME or HAMIRROR_NODE=NAME",
         .nodes.join(", ")
@@ -162,11 +143,7 @@ fn is_local(addr: IpAddr) -> bool {
 impl ClusterConfig {
     /// Every node name, sorted, each once.
     pub fn node_names(&self) -> Vec<String> {
-        let set: BTreeSet<&str> = self
-            .lans
-            .iter()
-            .flat_map(|l| l.nodes.iter().map(|n| n.name.as_str()))
-            .collect();
+        let set: BTreeSet<&str> = self.lans.iter().flat_map(|l| l.nodes.iter().map(|n| n.name.as_str())).collect();
         set.into_iter().map(str::to_string).collect()
     }
 
@@ -177,11 +154,7 @@ impl ClusterConfig {
 
     /// The address of `node` on `lan`.
     pub fn addr(&self, lan: &str, node: &str) -> Option<IpAddr> {
-        self.lan(lan)?
-            .nodes
-            .iter()
-            .find(|n| n.name == node)
-            .map(|n| n.addr)
+        self.lan(lan)?.nodes.iter().find(|n| n.name == node).map(|n| n.addr)
     }
 
     /// The two node names, sorted, when the cluster has exactly two nodes.
@@ -208,20 +181,11 @@ impl ClusterConfig {
                 return Ok(r.to_string());
             }
             let suggestion = nearest(r, names.iter().map(String::as_str)).map(str::to_string);
-            return Err(LocalNodeError::UnknownNode {
-                requested: r.to_string(),
-                known: names,
-                suggestion,
-            });
+            return Err(LocalNodeError::UnknownNode { requested: r.to_string(), known: names, suggestion });
         }
         let local: Vec<String> = names
             .iter()
-            .filter(|name| {
-                self.lans
-                    .iter()
-                    .flat_map(|l| l.nodes.iter())
-                    .any(|n| &n.name == *name && is_local(n.addr))
-            })
+            .filter(|name| self.lans.iter().flat_map(|l| l.nodes.iter()).any(|n| &n.name == *name && is_local(n.addr)))
             .cloned()
             .collect();
         match <[String; 1]>::try_from(local) {
@@ -249,13 +213,7 @@ mod tests {
         let c = cluster();
         let only_a = |ip: IpAddr| ip == IpAddr::from([10, 0, 0, 1]);
         assert_eq!(c.local_node_with(None, only_a), Ok("a".to_string()));
-        assert!(matches!(
-            c.local_node_with(None, |_| true),
-            Err(LocalNodeError::SeveralLocal { .. })
-        ));
-        assert!(matches!(
-            c.local_node_with(None, |_| false),
-            Err(LocalNodeError::NoLocalAddress { .. })
-        ));
+        assert!(matches!(c.local_node_with(None, |_| true), Err(LocalNodeError::SeveralLocal { .. })));
+        assert!(matches!(c.local_node_with(None, |_| false), Err(LocalNodeError::NoLocalAddress { .. })));
     }
 }

@@ -80,9 +80,7 @@ impl ConfigError {
     pub fn io(file: &Path, err: &std::io::Error) -> ConfigError {
         let found = match err.kind() {
             std::io::ErrorKind::NotFound => "file not found".to_string(),
-            std::io::ErrorKind::PermissionDenied => {
-                "cannot read the file: permission denied".to_string()
-            }
+            std::io::ErrorKind::PermissionDenied => "cannot read the file: permission denied".to_string(),
             _ => format!("cannot read the file: {err}"),
         };
         let mut e = ConfigError::new(file, None, ConfigErrorKind::Io);
@@ -147,13 +145,7 @@ impl ConfigError {
     }
 
     /// `attribute` is not one of `allowed` on `<element>`.
-    pub fn unknown_attr(
-        file: &Path,
-        line: usize,
-        element: &str,
-        attribute: &str,
-        allowed: &[&str],
-    ) -> ConfigError {
+    pub fn unknown_attr(file: &Path, line: usize, element: &str, attribute: &str, allowed: &[&str]) -> ConfigError {
         let mut e = ConfigError::new(file, Some(line), ConfigErrorKind::UnknownAttribute);
         e.0.element = Some(element.to_string());
         e.0.attribute = Some(attribute.to_string());
@@ -170,13 +162,8 @@ impl ConfigError {
         parent: Option<&str>,
         allowed: &[&str],
     ) -> ConfigError {
-        let mut e = ConfigError::new(
-            file,
-            Some(line),
-            ConfigErrorKind::UnknownElement {
-                parent: parent.map(str::to_string),
-            },
-        );
+        let mut e =
+            ConfigError::new(file, Some(line), ConfigErrorKind::UnknownElement { parent: parent.map(str::to_string) });
         e.0.element = Some(element.to_string());
         e.0.expected = one_of(allowed, "no child elements", true);
         if allowed.len() > 1 || parent.is_none() {
@@ -221,23 +208,17 @@ impl ConfigErrorInfo {
                 }
                 s.push_str(&format!(", expected {}", self.expected));
             }
-            ConfigErrorKind::UnknownAttribute => s.push_str(&format!(
-                "unknown attribute \"{attr}\" on <{el}>, expected {}",
-                self.expected
-            )),
-            ConfigErrorKind::MissingAttribute => s.push_str(&format!(
-                "<{el}>: missing attribute \"{attr}\", expected {}",
-                self.expected
-            )),
+            ConfigErrorKind::UnknownAttribute => {
+                s.push_str(&format!("unknown attribute \"{attr}\" on <{el}>, expected {}", self.expected))
+            }
+            ConfigErrorKind::MissingAttribute => {
+                s.push_str(&format!("<{el}>: missing attribute \"{attr}\", expected {}", self.expected))
+            }
             ConfigErrorKind::Invalid => match &self.attribute {
-                Some(attr) => s.push_str(&format!(
-                    "<{el}> attribute \"{attr}\": expected {}, found \"{found}\"",
-                    self.expected
-                )),
-                None => s.push_str(&format!(
-                    "<{el}>: expected {}, found {found}",
-                    self.expected
-                )),
+                Some(attr) => {
+                    s.push_str(&format!("<{el}> attribute \"{attr}\": expected {}, found \"{found}\"", self.expected))
+                }
+                None => s.push_str(&format!("<{el}>: expected {}, found {found}", self.expected)),
             },
         }
         if let Some(sugg) = &self.suggestion {
@@ -254,13 +235,7 @@ impl ConfigErrorInfo {
         if s.chars().any(char::is_control) {
             s = s
                 .chars()
-                .map(|c| {
-                    if c.is_control() {
-                        c.escape_default().to_string()
-                    } else {
-                        c.to_string()
-                    }
-                })
+                .map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() })
                 .collect();
         }
         s
@@ -279,19 +254,13 @@ fn one_of(allowed: &[&str], none: &str, elements: bool) -> String {
     match allowed {
         [] => none.to_string(),
         [one] => show(one),
-        _ => format!(
-            "one of {}",
-            allowed.iter().map(show).collect::<Vec<_>>().join(", ")
-        ),
+        _ => format!("one of {}", allowed.iter().map(show).collect::<Vec<_>>().join(", ")),
     }
 }
 
 /// The candidate nearest to `word` by edit distance (case-insensitive), when it is close enough
 /// to be a plausible misspelling: at most 2 edits, and fewer edits than the candidate's length.
-pub(crate) fn nearest<'a>(
-    word: &str,
-    candidates: impl IntoIterator<Item = &'a str>,
-) -> Option<&'a str> {
+pub(crate) fn nearest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
     if word.is_empty() || word.chars().count() > 64 {
         return None;
     }
@@ -327,9 +296,7 @@ fn edit_distance(a: &[char], b: &[char]) -> usize {
     for i in 1..=n {
         for j in 1..=m {
             let cost = usize::from(a[i - 1] != b[j - 1]);
-            let mut v = (d[i - 1][j] + 1)
-                .min(d[i][j - 1] + 1)
-                .min(d[i - 1][j - 1] + cost);
+            let mut v = (d[i - 1][j] + 1).min(d[i][j - 1] + 1).min(d[i - 1][j - 1] + cost);
             if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
                 v = v.min(d[i - 2][j - 2] + 1);
             }

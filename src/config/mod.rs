@@ -18,14 +18,12 @@ mod xml;
 pub use cluster::{load_cluster, parse_cluster, LocalNodeError};
 pub use error::{ConfigError, ConfigErrorKind};
 pub use module::{
-    load_module, load_modules, parse_module, ModuleSet, DEFAULT_CHECK_INTERVAL,
-    DEFAULT_HEART_TIMEOUT, DEFAULT_LOOP_INTERVAL, DEFAULT_MAXLOOP, DEFAULT_PULSE,
-    DEFAULT_SCRIPT_TIMEOUT, DEFAULT_VM_STOP_TIMEOUT, DEFAULT_VM_URI, DEFAULT_ZONE, MAX_ZONE,
-    MIN_CHECK_INTERVAL, MIN_PULSE, MIN_ZONE,
+    load_module, load_modules, parse_module, ModuleSet, DEFAULT_CHECK_INTERVAL, DEFAULT_HEART_TIMEOUT,
+    DEFAULT_LOOP_INTERVAL, DEFAULT_MAXLOOP, DEFAULT_PULSE, DEFAULT_SCRIPT_TIMEOUT, DEFAULT_VM_STOP_TIMEOUT,
+    DEFAULT_VM_URI, DEFAULT_ZONE, MAX_ZONE, MIN_CHECK_INTERVAL, MIN_PULSE, MIN_ZONE,
 };
 pub use units::{
-    format_duration, format_size, parse_duration, parse_size, DURATION_EXPECTED, DURATION_MAX,
-    SIZE_EXPECTED,
+    format_duration, format_size, parse_duration, parse_size, DURATION_EXPECTED, DURATION_MAX, SIZE_EXPECTED,
 };
 
 /// Reads a configuration file as UTF-8 text; a missing or unreadable file, or one that is not

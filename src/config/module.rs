@@ -37,15 +37,7 @@ pub const DEFAULT_SCRIPT_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 pub const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
-const MODULE_CHILDREN: &[&str] = &[
-    "heart",
-    "failover",
-    "splitbrain",
-    "rfs",
-    "vm",
-    "user",
-    "check",
-];
+const MODULE_CHILDREN: &[&str] = &["heart", "failover", "splitbrain", "rfs", "vm", "user", "check"];
 const MODULE_NAME_EXPECTED: &str = "a module name of 1 to 32 letters, digits, '_' or '-'";
 const ADDR_EXPECTED: &str = "an IPv4 or IPv6 address";
 const ON_OFF_ALIASES: &[(&str, &str)] = &[
@@ -62,9 +54,7 @@ const MIN_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// `[A-Za-z0-9_-]{1,32}`
 pub(crate) fn is_module_name(s: &str) -> bool {
-    (1..=32).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    (1..=32).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// `[A-Za-z_][A-Za-z0-9_]*`, not starting with `HAMIRROR_`.
@@ -77,9 +67,7 @@ fn is_var_name(s: &str) -> bool {
 
 /// A checker ident: 1 to 64 characters, no whitespace, control character or '/'.
 fn is_ident(s: &str) -> bool {
-    (1..=64).contains(&s.chars().count())
-        && s.chars()
-            .all(|c| !c.is_whitespace() && !c.is_control() && c != '/')
+    (1..=64).contains(&s.chars().count()) && s.chars().all(|c| !c.is_whitespace() && !c.is_control() && c != '/')
 }
 
 /// A process name as in /proc/<pid>/comm: 1 to 15 bytes, no '/' or control character.
@@ -89,11 +77,7 @@ fn is_proc_name(s: &str) -> bool {
 
 /// A script file name in `bin/`: no '/', not `.` or `..`, no control character.
 fn is_script_name(s: &str) -> bool {
-    !s.is_empty()
-        && s != "."
-        && s != ".."
-        && s.len() <= 255
-        && s.chars().all(|c| !c.is_control() && c != '/')
+    !s.is_empty() && s != "." && s != ".." && s.len() <= 255 && s.chars().all(|c| !c.is_control() && c != '/')
 }
 
 /// A libvirt domain name: 1 to 255 characters, no '/' or control character.
@@ -156,19 +140,11 @@ pub fn load_module(path: &Path, cluster: &ClusterConfig) -> Result<ModuleConfig,
 }
 
 /// Validates the text of a `userconfig.xml` against `cluster`; `file` is only used in errors.
-pub fn parse_module(
-    text: &str,
-    file: &Path,
-    cluster: &ClusterConfig,
-) -> Result<ModuleConfig, ConfigError> {
+pub fn parse_module(text: &str, file: &Path, cluster: &ClusterConfig) -> Result<ModuleConfig, ConfigError> {
     parse_module_lines(text, file, cluster).map(|(m, _)| m)
 }
 
-fn parse_module_lines(
-    text: &str,
-    file: &Path,
-    cluster: &ClusterConfig,
-) -> R<(ModuleConfig, RootLines)> {
+fn parse_module_lines(text: &str, file: &Path, cluster: &ClusterConfig) -> R<(ModuleConfig, RootLines)> {
     let root = xml::parse(text, file, "module")?;
     let ck = Ck::new(file);
     ck.root(&root, "module")?;
@@ -196,8 +172,7 @@ fn parse_module_lines(
         );
         return Err(match root.attr("mode") {
             Some(_) => err,
-            None => err
-                .with_note("mode defaults to mirror; use mode=\"farm\" for a module on more nodes"),
+            None => err.with_note("mode defaults to mirror; use mode=\"farm\" for a module on more nodes"),
         });
     }
     ck.children(&root, MODULE_CHILDREN)?;
@@ -231,18 +206,7 @@ fn parse_module_lines(
         Some(el) => checks(&ck, el)?,
         None => Vec::new(),
     };
-    let m = ModuleConfig {
-        name,
-        mode,
-        id,
-        heart,
-        failover,
-        splitbrain,
-        rfs,
-        vm,
-        user,
-        checks,
-    };
+    let m = ModuleConfig { name, mode, id, heart, failover, splitbrain, rfs, vm, user, checks };
     Ok((m, lines))
 }
 
@@ -258,9 +222,7 @@ fn cluster_lan(ck: &Ck<'_>, el: &Element, attr: &str, cluster: &ClusterConfig) -
     if names.contains(&a.value.as_str()) {
         Ok(a.value.clone())
     } else {
-        Err(ck
-            .bad(el, a, expected)
-            .with_suggestion(nearest(&a.value, names.iter().copied())))
+        Err(ck.bad(el, a, expected).with_suggestion(nearest(&a.value, names.iter().copied())))
     }
 }
 
@@ -279,14 +241,7 @@ fn heart(ck: &Ck<'_>, el: Option<&Element>, cluster: &ClusterConfig) -> R<HeartC
     let twice = pulse.saturating_mul(2);
     if timeout < twice {
         return Err(match el.attr("timeout") {
-            Some(a) => ck.bad(
-                el,
-                a,
-                format!(
-                    "at least twice the pulse ({} or more)",
-                    format_duration(twice)
-                ),
-            ),
+            Some(a) => ck.bad(el, a, format!("at least twice the pulse ({} or more)", format_duration(twice))),
             None => ck.bad_named(
                 el,
                 "pulse",
@@ -315,11 +270,7 @@ fn heart(ck: &Ck<'_>, el: Option<&Element>, cluster: &ClusterConfig) -> R<HeartC
     if lans.is_empty() {
         lans = lan_names(cluster).into_iter().map(str::to_string).collect();
     }
-    Ok(HeartConfig {
-        pulse,
-        timeout,
-        lans,
-    })
+    Ok(HeartConfig { pulse, timeout, lans })
 }
 
 fn failover(ck: &Ck<'_>, el: Option<&Element>, cluster: &ClusterConfig) -> R<FailoverConfig> {
@@ -346,26 +297,14 @@ fn failover(ck: &Ck<'_>, el: Option<&Element>, cluster: &ClusterConfig) -> R<Fai
                 let mut options: Vec<&str> = vec!["alone", "lastprim"];
                 options.extend(nodes.iter().map(String::as_str));
                 return Err(ck
-                    .bad(
-                        el,
-                        a,
-                        format!(
-                            "alone, lastprim or a node of cluster.xml ({})",
-                            nodes.join(", ")
-                        ),
-                    )
+                    .bad(el, a, format!("alone, lastprim or a node of cluster.xml ({})", nodes.join(", ")))
                     .with_suggestion(nearest(&a.value, options)));
             }
         }
     };
     let maxloop = ck.number(el, "maxloop", Some(DEFAULT_MAXLOOP), 0, 1000)?;
     let loop_interval = ck.duration(el, "loop_interval", DEFAULT_LOOP_INTERVAL, MIN_TIMEOUT)?;
-    Ok(FailoverConfig {
-        auto,
-        defaultprim,
-        maxloop,
-        loop_interval,
-    })
+    Ok(FailoverConfig { auto, defaultprim, maxloop, loop_interval })
 }
 
 fn splitbrain(ck: &Ck<'_>, el: &Element) -> R<Option<SplitBrainConfig>> {
@@ -379,29 +318,17 @@ fn splitbrain(ck: &Ck<'_>, el: &Element) -> R<Option<SplitBrainConfig>> {
     for tok in a.value.split_whitespace() {
         let ip: IpAddr = match tok.parse() {
             Ok(ip) => ip,
-            Err(_) => {
-                return Err(ck
-                    .bad(el, a, expected)
-                    .with_note(format!("\"{tok}\" is not an IP address")))
-            }
+            Err(_) => return Err(ck.bad(el, a, expected).with_note(format!("\"{tok}\" is not an IP address"))),
         };
         if ip.is_unspecified() || ip.is_multicast() {
-            return Err(ck
-                .bad(el, a, expected)
-                .with_note(format!("{tok} is not a host address")));
+            return Err(ck.bad(el, a, expected).with_note(format!("{tok} is not a host address")));
         }
         if witnesses.contains(&ip) {
-            return Err(ck
-                .bad(el, a, expected)
-                .with_note(format!("{tok} is listed twice")));
+            return Err(ck.bad(el, a, expected).with_note(format!("{tok} is listed twice")));
         }
         witnesses.push(ip);
     }
-    Ok(if witnesses.is_empty() {
-        None
-    } else {
-        Some(SplitBrainConfig { witnesses })
-    })
+    Ok(if witnesses.is_empty() { None } else { Some(SplitBrainConfig { witnesses }) })
 }
 
 fn rfs(ck: &Ck<'_>, el: &Element, cluster: &ClusterConfig, heart: &HeartConfig) -> R<RfsConfig> {
@@ -423,11 +350,7 @@ fn rfs(ck: &Ck<'_>, el: &Element, cluster: &ClusterConfig, heart: &HeartConfig) 
         return Err(ck.bad_named(
             el,
             "zone",
-            format!(
-                "a power of two between {} and {}",
-                format_size(MIN_ZONE),
-                format_size(MAX_ZONE)
-            ),
+            format!("a power of two between {} and {}", format_size(MIN_ZONE), format_size(MAX_ZONE)),
         ));
     }
     let bandwidth_bytes_per_s = match el.attr("bandwidth") {
@@ -437,11 +360,7 @@ fn rfs(ck: &Ck<'_>, el: &Element, cluster: &ClusterConfig, heart: &HeartConfig) 
             let v = v.strip_suffix("/s").unwrap_or(v);
             units::size(v).map_err(|e| {
                 let err = ck
-                    .bad(
-                        el,
-                        a,
-                        "bytes per second, plain or with a unit (KiB, MiB, GiB), 0 for no cap",
-                    )
+                    .bad(el, a, "bytes per second, plain or with a unit (KiB, MiB, GiB), 0 for no cap")
                     .with_suggestion(e.suggestion);
                 match e.note {
                     Some(note) => err.with_note(note),
@@ -472,27 +391,16 @@ fn rfs(ck: &Ck<'_>, el: &Element, cluster: &ClusterConfig, heart: &HeartConfig) 
                 continue;
             };
             return Err(ck
-                .bad(
-                    r,
-                    a,
-                    "a directory neither inside nor containing another replicated directory",
-                )
+                .bad(r, a, "a directory neither inside nor containing another replicated directory")
                 .with_note(why));
         }
-        let mut rd = ReplicatedDir {
-            dir,
-            notreplicated: Vec::new(),
-        };
+        let mut rd = ReplicatedDir { dir, notreplicated: Vec::new() };
         for n in &r.children {
             ck.attrs(n, &["path"])?;
             ck.children(n, &[])?;
-            let expected = format!(
-                "a path relative to {} (or absolute inside it), without \"..\"",
-                rd.dir.display()
-            );
+            let expected = format!("a path relative to {} (or absolute inside it), without \"..\"", rd.dir.display());
             let pa = ck.req(n, "path", &expected)?;
-            let rel =
-                relative_in(&rd.dir, pa.value.trim()).ok_or_else(|| ck.bad(n, pa, expected))?;
+            let rel = relative_in(&rd.dir, pa.value.trim()).ok_or_else(|| ck.bad(n, pa, expected))?;
             add_notreplicated(ck, n, &mut rd, rel)?;
         }
         replicated.push(rd);
@@ -506,27 +414,16 @@ fn rfs(ck: &Ck<'_>, el: &Element, cluster: &ClusterConfig, heart: &HeartConfig) 
     for n in el.children_named("notreplicated") {
         ck.attrs(n, &["path"])?;
         ck.children(n, &[])?;
-        let dirs: Vec<String> = replicated
-            .iter()
-            .map(|r| r.dir.display().to_string())
-            .collect();
+        let dirs: Vec<String> = replicated.iter().map(|r| r.dir.display().to_string()).collect();
         let expected = if replicated.len() == 1 {
-            format!(
-                "a path relative to {} (or absolute inside it), without \"..\"",
-                dirs.join("")
-            )
+            format!("a path relative to {} (or absolute inside it), without \"..\"", dirs.join(""))
         } else {
-            format!(
-                "an absolute path inside one of the replicated directories ({}), without \"..\"",
-                dirs.join(", ")
-            )
+            format!("an absolute path inside one of the replicated directories ({}), without \"..\"", dirs.join(", "))
         };
         let pa = ck.req(n, "path", &expected)?;
         let v = pa.value.trim();
         let found = if v.starts_with('/') || replicated.len() == 1 {
-            replicated
-                .iter()
-                .position(|r| relative_in(&r.dir, v).is_some())
+            replicated.iter().position(|r| relative_in(&r.dir, v).is_some())
         } else {
             None
         };
@@ -541,13 +438,7 @@ fn rfs(ck: &Ck<'_>, el: &Element, cluster: &ClusterConfig, heart: &HeartConfig) 
         };
         add_notreplicated(ck, n, rd, rel)?;
     }
-    Ok(RfsConfig {
-        sync,
-        lan,
-        zone_bytes,
-        bandwidth_bytes_per_s,
-        replicated,
-    })
+    Ok(RfsConfig { sync, lan, zone_bytes, bandwidth_bytes_per_s, replicated })
 }
 
 /// `path` (relative, or absolute inside `dir`) as a normalised path relative to `dir`.
@@ -567,10 +458,9 @@ fn relative_in(dir: &Path, path: &str) -> Option<PathBuf> {
 
 fn add_notreplicated(ck: &Ck<'_>, n: &Element, rd: &mut ReplicatedDir, rel: PathBuf) -> R<()> {
     if rd.notreplicated.contains(&rel) {
-        return Err(ck.bad_named(n, "path", "each path once").with_note(format!(
-            "{} is already not replicated",
-            rd.dir.join(&rel).display()
-        )));
+        return Err(ck
+            .bad_named(n, "path", "each path once")
+            .with_note(format!("{} is already not replicated", rd.dir.join(&rel).display())));
     }
     rd.notreplicated.push(rel);
     Ok(())
@@ -586,11 +476,7 @@ fn vm(ck: &Ck<'_>, el: &Element) -> R<VmConfig> {
         Some(a) => return Err(ck.bad(el, a, "a libvirt URI such as qemu:///system")),
     };
     let stop_timeout = ck.duration(el, "stop_timeout", DEFAULT_VM_STOP_TIMEOUT, MIN_TIMEOUT)?;
-    Ok(VmConfig {
-        name,
-        uri,
-        stop_timeout,
-    })
+    Ok(VmConfig { name, uri, stop_timeout })
 }
 
 fn user(ck: &Ck<'_>, el: Option<&Element>) -> R<UserConfig> {
@@ -613,13 +499,9 @@ fn user(ck: &Ck<'_>, el: Option<&Element>) -> R<UserConfig> {
     for v in &el.children {
         ck.attrs(v, &["name", "value"])?;
         ck.children(v, &[])?;
-        let expected =
-            "an environment variable name ([A-Za-z_][A-Za-z0-9_]*) not starting with HAMIRROR_";
+        let expected = "an environment variable name ([A-Za-z_][A-Za-z0-9_]*) not starting with HAMIRROR_";
         let name = ck.name(v, "name", is_var_name, expected)?;
-        let value = ck
-            .req(v, "value", "the variable's value (may be empty)")?
-            .value
-            .clone();
+        let value = ck.req(v, "value", "the variable's value (may be empty)")?.value.clone();
         if let Some(prev) = seen.get(&name) {
             return Err(ck
                 .bad_named(v, "name", "each variable once")
@@ -628,12 +510,7 @@ fn user(ck: &Ck<'_>, el: Option<&Element>) -> R<UserConfig> {
         seen.insert(name.clone(), v.line);
         vars.push((name, value));
     }
-    Ok(UserConfig {
-        nicestoptimeout,
-        forcestoptimeout,
-        starttimeout,
-        vars,
-    })
+    Ok(UserConfig { nicestoptimeout, forcestoptimeout, starttimeout, vars })
 }
 
 fn checks(ck: &Ck<'_>, el: &Element) -> R<Vec<CheckConfig>> {
@@ -674,13 +551,8 @@ fn checks(ck: &Ck<'_>, el: &Element) -> R<Vec<CheckConfig>> {
                 (ident, CheckKind::Custom { script })
             }
             other => {
-                let err =
-                    ConfigError::unknown_element(ck.file, c.line, other, Some("check"), &allowed);
-                return Err(if other == "vm" {
-                    err.with_note("vm checks are not supported yet")
-                } else {
-                    err
-                });
+                let err = ConfigError::unknown_element(ck.file, c.line, other, Some("check"), &allowed);
+                return Err(if other == "vm" { err.with_note("vm checks are not supported yet") } else { err });
             }
         };
         ck.children(c, &[])?;
@@ -690,24 +562,13 @@ fn checks(ck: &Ck<'_>, el: &Element) -> R<Vec<CheckConfig>> {
         };
         let interval = ck.duration(c, "interval", DEFAULT_CHECK_INTERVAL, MIN_CHECK_INTERVAL)?;
         if let Some((kind, line)) = seen.get(&ident) {
-            let attr = if c.attr("ident").is_some() {
-                "ident"
-            } else {
-                "name"
-            };
+            let attr = if c.attr("ident").is_some() { "ident" } else { "name" };
             return Err(ck
                 .bad_named(c, attr, "an ident no other check uses")
-                .with_note(format!(
-                    "the <{kind}> check on line {line} is already \"{ident}\""
-                )));
+                .with_note(format!("the <{kind}> check on line {line} is already \"{ident}\"")));
         }
         seen.insert(ident.clone(), (c.name.clone(), c.line));
-        out.push(CheckConfig {
-            ident,
-            kind,
-            action,
-            interval,
-        });
+        out.push(CheckConfig { ident, kind, action, interval });
     }
     Ok(out)
 }
@@ -735,8 +596,7 @@ pub fn load_modules(paths: &crate::paths::Paths, cluster: &ClusterConfig) -> Mod
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return set,
         Err(e) => {
-            set.refused
-                .push(("modules".to_string(), ConfigError::io(&dir, &e)));
+            set.refused.push(("modules".to_string(), ConfigError::io(&dir, &e)));
             return set;
         }
     };
@@ -753,8 +613,7 @@ pub fn load_modules(paths: &crate::paths::Paths, cluster: &ClusterConfig) -> Mod
     let mut mirrors = 0usize;
     for name in names {
         let file = paths.userconfig(&name);
-        let parsed =
-            super::read_file(&file).and_then(|text| parse_module_lines(&text, &file, cluster));
+        let parsed = super::read_file(&file).and_then(|text| parse_module_lines(&text, &file, cluster));
         let (m, lines) = match parsed {
             Ok(ok) => ok,
             Err(e) => {

@@ -21,25 +21,13 @@ pub(crate) struct UnitError {
 
 impl UnitError {
     fn plain(expected: &'static str) -> UnitError {
-        UnitError {
-            expected,
-            suggestion: None,
-            note: None,
-        }
+        UnitError { expected, suggestion: None, note: None }
     }
     fn note(expected: &'static str, note: impl Into<String>) -> UnitError {
-        UnitError {
-            expected,
-            suggestion: None,
-            note: Some(note.into()),
-        }
+        UnitError { expected, suggestion: None, note: Some(note.into()) }
     }
     fn suggest(expected: &'static str, suggestion: String) -> UnitError {
-        UnitError {
-            expected,
-            suggestion: Some(suggestion),
-            note: None,
-        }
+        UnitError { expected, suggestion: Some(suggestion), note: None }
     }
     /// `expected X, found "v" (did you mean "w"?) (note)`
     pub(crate) fn message(&self, found: &str) -> String {
@@ -73,14 +61,9 @@ fn number_and_unit(s: &str, expected: &'static str) -> Result<(u64, String), Uni
         return Err(UnitError::plain(expected));
     }
     if unit.starts_with('.') || unit.starts_with(',') {
-        return Err(UnitError::note(
-            expected,
-            "use a whole number, with a smaller unit if needed",
-        ));
+        return Err(UnitError::note(expected, "use a whole number, with a smaller unit if needed"));
     }
-    let n: u64 = num
-        .parse()
-        .map_err(|_| UnitError::note(expected, "the value is too large"))?;
+    let n: u64 = num.parse().map_err(|_| UnitError::note(expected, "the value is too large"))?;
     Ok((n, unit.to_string()))
 }
 
@@ -95,9 +78,7 @@ pub(crate) fn duration(s: &str) -> Result<Duration, UnitError> {
         "" => return Err(UnitError::plain(e)),
         other => {
             let sugg = match other.to_ascii_lowercase().as_str() {
-                "ms" | "msec" | "msecs" | "millis" | "millisecond" | "milliseconds" => {
-                    Some(format!("{n}ms"))
-                }
+                "ms" | "msec" | "msecs" | "millis" | "millisecond" | "milliseconds" => Some(format!("{n}ms")),
                 "s" | "sec" | "secs" | "second" | "seconds" => Some(format!("{n}s")),
                 "min" | "mins" | "minute" | "minutes" => Some(format!("{n}m")),
                 "h" | "hr" | "hrs" | "hour" | "hours" => Some(format!("{n}h")),
@@ -139,8 +120,7 @@ pub(crate) fn size(s: &str) -> Result<u64, UnitError> {
             });
         }
     };
-    n.checked_mul(factor)
-        .ok_or_else(|| UnitError::note(e, "the value is too large"))
+    n.checked_mul(factor).ok_or_else(|| UnitError::note(e, "the value is too large"))
 }
 
 /// Parses a duration with a unit: `700ms`, `30s`, `5m`, `24h` (a whole number; at most 8760h).
@@ -211,19 +191,11 @@ mod tests {
         );
         assert!(parse_duration("-5s").unwrap_err().contains("negative"));
         assert!(parse_duration("1.5s").unwrap_err().contains("whole number"));
-        assert!(parse_duration("99999999999999999999999h")
-            .unwrap_err()
-            .contains("too large"));
+        assert!(parse_duration("99999999999999999999999h").unwrap_err().contains("too large"));
         assert!(parse_duration("9000h").unwrap_err().contains("8760h"));
-        assert!(parse_duration("30sec")
-            .unwrap_err()
-            .contains("did you mean \"30s\""));
-        assert!(parse_duration("2d")
-            .unwrap_err()
-            .contains("did you mean \"48h\""));
-        assert!(parse_duration("3w")
-            .unwrap_err()
-            .contains("unknown unit \"w\""));
+        assert!(parse_duration("30sec").unwrap_err().contains("did you mean \"30s\""));
+        assert!(parse_duration("2d").unwrap_err().contains("did you mean \"48h\""));
+        assert!(parse_duration("3w").unwrap_err().contains("unknown unit \"w\""));
         assert!(parse_duration("").is_err());
         assert!(parse_duration("s").is_err());
         assert!(parse_duration("+5s").is_err());
@@ -237,24 +209,18 @@ mod tests {
         assert_eq!(parse_size("2GiB"), Ok(2 << 30));
         assert_eq!(
             parse_size("1MB"),
-            Err(
-                "expected a size in bytes or with a unit (KiB, MiB, GiB), found \"1MB\" \
+            Err("expected a size in bytes or with a unit (KiB, MiB, GiB), found \"1MB\" \
                  (did you mean \"1MiB\"?)"
-                    .to_string()
-            )
+                .to_string())
         );
-        assert!(parse_size("99999999999GiB")
-            .unwrap_err()
-            .contains("too large"));
+        assert!(parse_size("99999999999GiB").unwrap_err().contains("too large"));
         assert!(parse_size("-1").is_err());
         assert!(parse_size("1TiB").is_err());
     }
 
     #[test]
     fn formatting_round_trips() {
-        for ms in [
-            0u64, 1, 700, 1000, 1500, 30_000, 90_000, 300_000, 3_600_000, 86_400_000,
-        ] {
+        for ms in [0u64, 1, 700, 1000, 1500, 30_000, 90_000, 300_000, 3_600_000, 86_400_000] {
             let d = Duration::from_millis(ms);
             assert_eq!(parse_duration(&format_duration(d)), Ok(d), "{ms}ms");
         }

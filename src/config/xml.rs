@@ -45,16 +45,8 @@ pub(crate) struct Lines {
 impl Lines {
     pub fn new(text: &str) -> Lines {
         let mut starts = vec![0];
-        starts.extend(
-            text.bytes()
-                .enumerate()
-                .filter(|(_, b)| *b == b'\n')
-                .map(|(i, _)| i + 1),
-        );
-        Lines {
-            starts,
-            len: text.len(),
-        }
+        starts.extend(text.bytes().enumerate().filter(|(_, b)| *b == b'\n').map(|(i, _)| i + 1));
+        Lines { starts, len: text.len() }
     }
     pub fn line(&self, offset: usize) -> usize {
         let offset = offset.min(self.len);
@@ -82,11 +74,7 @@ pub(crate) fn decode(bytes: &[u8], file: &Path) -> Result<String, ConfigError> {
         Err(e) => {
             let valid = &bytes[..e.valid_up_to()];
             let line = 1 + valid.iter().filter(|b| **b == b'\n').count();
-            Err(ConfigError::xml(
-                file,
-                line,
-                "the file is not UTF-8 text (save it as UTF-8)".to_string(),
-            ))
+            Err(ConfigError::xml(file, line, "the file is not UTF-8 text (save it as UTF-8)".to_string()))
         }
     }
 }
@@ -103,13 +91,7 @@ pub(crate) fn parse(text: &str, file: &Path, root: &str) -> Result<Element, Conf
         let before = usize::try_from(reader.buffer_position()).unwrap_or(usize::MAX);
         let event = match reader.read_event() {
             Ok(ev) => ev,
-            Err(e) => {
-                return Err(ConfigError::xml(
-                    file,
-                    lines.line_u64(reader.error_position()),
-                    e.to_string(),
-                ))
-            }
+            Err(e) => return Err(ConfigError::xml(file, lines.line_u64(reader.error_position()), e.to_string())),
         };
         match event {
             Event::Start(e) => {
@@ -137,31 +119,23 @@ pub(crate) fn parse(text: &str, file: &Path, root: &str) -> Result<Element, Conf
                 let raw: &[u8] = &t;
                 if let Some(i) = raw.iter().position(|b| !b.is_ascii_whitespace()) {
                     let line = lines.line(before.saturating_add(i));
-                    let shown: String = String::from_utf8_lossy(&raw[i..])
-                        .chars()
-                        .take_while(|c| *c != '\n')
-                        .take(40)
-                        .collect();
+                    let shown: String =
+                        String::from_utf8_lossy(&raw[i..]).chars().take_while(|c| *c != '\n').take(40).collect();
                     let shown = shown.trim_end();
                     return Err(ConfigError::xml(
                         file,
                         line,
                         match stack.last() {
-                            Some(p) => format!(
-                                "<{}> takes only child elements and attributes, found text \"{shown}\"",
-                                p.name
-                            ),
+                            Some(p) => {
+                                format!("<{}> takes only child elements and attributes, found text \"{shown}\"", p.name)
+                            }
                             None => format!("text outside the root element: \"{shown}\""),
                         },
                     ));
                 }
             }
             Event::CData(_) => {
-                return Err(ConfigError::xml(
-                    file,
-                    lines.line(before),
-                    "CDATA sections are not used in this file",
-                ));
+                return Err(ConfigError::xml(file, lines.line(before), "CDATA sections are not used in this file"));
             }
             Event::Comment(_) | Event::Decl(_) | Event::PI(_) | Event::DocType(_) => {}
             Event::Eof => break,
@@ -171,28 +145,15 @@ pub(crate) fn parse(text: &str, file: &Path, root: &str) -> Result<Element, Conf
         return Err(ConfigError::xml(
             file,
             lines.line(text.len()),
-            format!(
-                "the file ends before <{}> (line {}) is closed",
-                open.name, open.line
-            ),
+            format!("the file ends before <{}> (line {}) is closed", open.name, open.line),
         ));
     }
     top.ok_or_else(|| {
-        ConfigError::xml(
-            file,
-            lines.line(text.len()),
-            format!("the file has no root element, expected <{root}>"),
-        )
+        ConfigError::xml(file, lines.line(text.len()), format!("the file has no root element, expected <{root}>"))
     })
 }
 
-fn open(
-    e: &BytesStart<'_>,
-    text: &str,
-    lines: &Lines,
-    file: &Path,
-    before: usize,
-) -> Result<Element, ConfigError> {
+fn open(e: &BytesStart<'_>, text: &str, lines: &Lines, file: &Path, before: usize) -> Result<Element, ConfigError> {
     let name_bytes = e.name();
     let name = String::from_utf8_lossy(name_bytes.as_ref()).into_owned();
     let el_offset = offset_in(text, name_bytes.as_ref()).unwrap_or(before);
@@ -201,39 +162,18 @@ fn open(
     for a in e.attributes() {
         let a = match a {
             Ok(a) => a,
-            Err(err) => {
-                return Err(ConfigError::xml(
-                    file,
-                    line,
-                    format!("<{name}>: bad attribute syntax: {err}"),
-                ))
-            }
+            Err(err) => return Err(ConfigError::xml(file, line, format!("<{name}>: bad attribute syntax: {err}"))),
         };
         let key = a.key.as_ref();
         let aname = String::from_utf8_lossy(key).into_owned();
         let aline = offset_in(text, key).map(|o| lines.line(o)).unwrap_or(line);
         let value = match a.unescape_value() {
             Ok(v) => v.into_owned(),
-            Err(err) => {
-                return Err(ConfigError::xml(
-                    file,
-                    aline,
-                    format!("<{name}> attribute \"{aname}\": {err}"),
-                ))
-            }
+            Err(err) => return Err(ConfigError::xml(file, aline, format!("<{name}> attribute \"{aname}\": {err}"))),
         };
-        attrs.push(Attr {
-            name: aname,
-            value,
-            line: aline,
-        });
+        attrs.push(Attr { name: aname, value, line: aline });
     }
-    Ok(Element {
-        name,
-        line,
-        attrs,
-        children: Vec::new(),
-    })
+    Ok(Element { name, line, attrs, children: Vec::new() })
 }
 
 fn attach(
@@ -271,14 +211,7 @@ mod tests {
         let root = parse(text, Path::new("f.xml"), "a").unwrap();
         assert_eq!(root.name, "a");
         assert_eq!(root.line, 2);
-        assert_eq!(
-            root.attrs[0],
-            Attr {
-                name: "x".into(),
-                value: "1".into(),
-                line: 2
-            }
-        );
+        assert_eq!(root.attrs[0], Attr { name: "x".into(), value: "1".into(), line: 2 });
         assert_eq!(root.children[0].line, 3);
         assert_eq!(root.children[0].attrs[0].line, 4);
         assert_eq!(root.children[0].attrs[0].value, "&2");

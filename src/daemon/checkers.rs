@@ -65,10 +65,8 @@ pub fn spawn_checkers(
         env: env.clone(),
         log: ModuleLog::new(paths, module),
     });
-    let tasks = checks
-        .iter()
-        .map(|check| tokio::spawn(checker_loop(shared.clone(), check.clone(), tx.clone())))
-        .collect();
+    let tasks =
+        checks.iter().map(|check| tokio::spawn(checker_loop(shared.clone(), check.clone(), tx.clone()))).collect();
     CheckerSet { tasks }
 }
 
@@ -100,11 +98,7 @@ async fn checker_loop(shared: Arc<Shared>, check: CheckConfig, tx: mpsc::Sender<
     let mut reported = false;
     loop {
         ticker.tick().await;
-        let mut task = AbortOnDrop(tokio::spawn(check_once(
-            shared.clone(),
-            check.kind.clone(),
-            interval,
-        )));
+        let mut task = AbortOnDrop(tokio::spawn(check_once(shared.clone(), check.kind.clone(), interval)));
         let result = match (&mut task.0).await {
             Ok(result) => result,
             Err(e) if e.is_panic() => Err("the checker itself failed (panic)".to_string()),
@@ -113,9 +107,7 @@ async fn checker_loop(shared: Arc<Shared>, check: CheckConfig, tx: mpsc::Sender<
         match result {
             Ok(()) => {
                 if reported {
-                    shared
-                        .log
-                        .line(LogLevel::Info, &format!("checker {ident} succeeds again"));
+                    shared.log.line(LogLevel::Info, &format!("checker {ident} succeeds again"));
                 }
                 failures = 0;
                 reported = false;
@@ -135,10 +127,7 @@ async fn checker_loop(shared: Arc<Shared>, check: CheckConfig, tx: mpsc::Sender<
                 );
                 shared.log.line(LogLevel::Error, &text);
                 reported = true;
-                let event = Event::CheckerFailed {
-                    ident: ident.clone(),
-                    action: check.action,
-                };
+                let event = Event::CheckerFailed { ident: ident.clone(), action: check.action };
                 if tx.send(event).await.is_err() {
                     // The supervisor is gone: nobody to report to any more.
                     return;
@@ -156,11 +145,7 @@ fn action_name(action: CheckAction) -> &'static str {
 }
 
 /// One check; `Err` says why it failed.
-async fn check_once(
-    shared: Arc<Shared>,
-    kind: CheckKind,
-    interval: Duration,
-) -> Result<(), String> {
+async fn check_once(shared: Arc<Shared>, kind: CheckKind, interval: Duration) -> Result<(), String> {
     match kind {
         CheckKind::Proc { name, atleast } => {
             let wanted = name.clone();
@@ -171,9 +156,7 @@ async fn check_once(
             if count >= atleast {
                 Ok(())
             } else {
-                Err(format!(
-                    "{count} process(es) named {name} run, at least {atleast} wanted"
-                ))
+                Err(format!("{count} process(es) named {name} run, at least {atleast} wanted"))
             }
         }
         CheckKind::Tcp { addr, port } => {
@@ -181,10 +164,7 @@ async fn check_once(
             match tokio::time::timeout(interval, tokio::net::TcpStream::connect(to)).await {
                 Ok(Ok(_stream)) => Ok(()),
                 Ok(Err(e)) => Err(format!("cannot connect to {to}: {e}")),
-                Err(_) => Err(format!(
-                    "no answer from {to} within {} ms",
-                    interval.as_millis()
-                )),
+                Err(_) => Err(format!("no answer from {to} within {} ms", interval.as_millis())),
             }
         }
         CheckKind::Custom { script } => run_custom(&shared, &script, interval).await,
@@ -201,11 +181,7 @@ async fn run_custom(shared: &Shared, script: &str, limit: Duration) -> Result<()
     match std::fs::metadata(&path) {
         Err(e) => return Err(format!("cannot use {}: {e}", path.display())),
         Ok(m) if !is_executable(&m) => {
-            return Err(format!(
-                "{} is not executable: run chmod +x {}",
-                path.display(),
-                path.display()
-            ))
+            return Err(format!("{} is not executable: run chmod +x {}", path.display(), path.display()))
         }
         Ok(_) => {}
     }
@@ -219,10 +195,7 @@ async fn run_custom(shared: &Shared, script: &str, limit: Duration) -> Result<()
         End::Exit(0) => Ok(()),
         End::Exit(code) => Err(format!("{script} exited with code {code}")),
         End::Signal(sig) => Err(format!("{script} was killed by signal {sig}")),
-        End::TimedOut => Err(format!(
-            "{script} still ran after {} ms and was killed",
-            limit.as_millis()
-        )),
+        End::TimedOut => Err(format!("{script} still ran after {} ms and was killed", limit.as_millis())),
         End::Error => Err(format!("{script} could not be waited for")),
     }
 }
@@ -282,10 +255,7 @@ mod tests {
         std::fs::write(dir.path().join("12/comm"), "postgres-server\n").unwrap();
         std::fs::create_dir(dir.path().join("self")).unwrap();
         std::fs::write(dir.path().join("self/comm"), "postgres-server\n").unwrap();
-        assert_eq!(
-            count_processes_in(dir.path(), "postgres-server-main").unwrap(),
-            1
-        );
+        assert_eq!(count_processes_in(dir.path(), "postgres-server-main").unwrap(), 1);
         assert_eq!(count_processes_in(dir.path(), "postgres").unwrap(), 0);
     }
 }

@@ -89,18 +89,12 @@ impl Control {
     pub async fn command(&self, name: &str, command: AdminCommand) -> Result<(), ControlError> {
         let Some(h) = self.running.get(name) else {
             return Err(match self.broken.get(name) {
-                Some(v) => ControlError::Broken {
-                    name: name.to_string(),
-                    error: v.error.clone().unwrap_or_default(),
-                },
+                Some(v) => ControlError::Broken { name: name.to_string(), error: v.error.clone().unwrap_or_default() },
                 None => ControlError::UnknownModule(name.to_string()),
             });
         };
         let (reply, rx) = oneshot::channel();
-        h.commands
-            .send(ModuleRequest { command, reply })
-            .await
-            .map_err(|_| ControlError::Gone(name.to_string()))?;
+        h.commands.send(ModuleRequest { command, reply }).await.map_err(|_| ControlError::Gone(name.to_string()))?;
         rx.await.map_err(|_| ControlError::Gone(name.to_string()))??;
         Ok(())
     }

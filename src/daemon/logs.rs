@@ -36,10 +36,7 @@ impl ModuleLog {
 
     /// A log written to `path` (its directory is created at the first write).
     pub fn at(path: PathBuf) -> ModuleLog {
-        ModuleLog {
-            path,
-            lock: Mutex::new(()),
-        }
+        ModuleLog { path, lock: Mutex::new(()) }
     }
 
     pub fn path(&self) -> &Path {
@@ -51,10 +48,7 @@ impl ModuleLog {
     pub fn line(&self, level: LogLevel, text: &str) {
         let text = text.trim_end().replace('\n', "\\n");
         let line = format!("{} {} {}\n", rfc3339_now(), level_name(level), text);
-        let _guard = self
-            .lock
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _guard = self.lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Err(e) = rotate_if_large(&self.path).and_then(|()| append(&self.path, &line)) {
             tracing::warn!("cannot write to {}: {e}", self.path.display());
         }
@@ -76,11 +70,7 @@ pub fn open_append(path: &Path) -> io::Result<File> {
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir)?;
     }
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o640)
-        .open(path)
+    OpenOptions::new().create(true).append(true).mode(0o640).open(path)
 }
 
 /// Appends `text` to `path` in one write.
@@ -219,10 +209,7 @@ mod tests {
         fs::write(&p, "\n").unwrap();
         assert_eq!(tail(&p, 5).unwrap(), vec![""]);
         assert_eq!(tail(&p, 0).unwrap(), Vec::<String>::new());
-        assert_eq!(
-            tail(&dir.path().join("none"), 3).unwrap_err().kind(),
-            io::ErrorKind::NotFound
-        );
+        assert_eq!(tail(&dir.path().join("none"), 3).unwrap_err().kind(), io::ErrorKind::NotFound);
     }
 
     // A module log line carries the time and the level, and the file rotates past the limit.
@@ -234,11 +221,7 @@ mod tests {
         log.line(LogLevel::Warn, "checker http failed\nsecond line");
         let lines = tail(log.path(), 10).unwrap();
         assert_eq!(lines.len(), 1);
-        assert!(
-            lines[0].ends_with(" WARN checker http failed\\nsecond line"),
-            "{}",
-            lines[0]
-        );
+        assert!(lines[0].ends_with(" WARN checker http failed\\nsecond line"), "{}", lines[0]);
         assert!(lines[0].as_bytes()[4] == b'-' && lines[0].contains('T'));
 
         let big = vec![b'x'; (LOG_ROTATE_BYTES + 1) as usize];

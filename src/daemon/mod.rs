@@ -71,12 +71,8 @@ impl Running {
         let mut report = ReloadReport::default();
         let set = config::load_modules(&self.ctx.paths, &self.ctx.cluster);
         let mut control = self.control.write().await;
-        let installed: Vec<String> = set
-            .modules
-            .iter()
-            .map(|m| m.name.clone())
-            .chain(set.refused.iter().map(|(n, _)| n.clone()))
-            .collect();
+        let installed: Vec<String> =
+            set.modules.iter().map(|m| m.name.clone()).chain(set.refused.iter().map(|(n, _)| n.clone())).collect();
         control.broken.clear();
         for (name, error) in set.refused {
             tracing::error!(module = %name, "module refused: {error}");
@@ -218,4 +214,3 @@ async fn run_async(opts: DaemonOptions) -> anyhow::Result<()> {
     tracing::info!("stopped");
     Ok(())
 }
-

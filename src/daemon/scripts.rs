@@ -44,13 +44,7 @@ pub struct ScriptEnv {
 }
 
 impl ScriptEnv {
-    pub fn new(
-        paths: &Paths,
-        module: &str,
-        node: &str,
-        peer: Option<&str>,
-        vars: &[(String, String)],
-    ) -> ScriptEnv {
+    pub fn new(paths: &Paths, module: &str, node: &str, peer: Option<&str>, vars: &[(String, String)]) -> ScriptEnv {
         ScriptEnv {
             module: module.to_string(),
             node: node.to_string(),
@@ -66,15 +60,9 @@ impl ScriptEnv {
         let mut all = vec![
             ("HAMIRROR_MODULE".to_string(), self.module.clone()),
             ("HAMIRROR_NODE".to_string(), self.node.clone()),
-            (
-                "HAMIRROR_PEER".to_string(),
-                self.peer.clone().unwrap_or_default(),
-            ),
+            ("HAMIRROR_PEER".to_string(), self.peer.clone().unwrap_or_default()),
             ("HAMIRROR_HOME".to_string(), self.home.display().to_string()),
-            (
-                "HAMIRROR_STATE_DIR".to_string(),
-                self.state_dir.display().to_string(),
-            ),
+            ("HAMIRROR_STATE_DIR".to_string(), self.state_dir.display().to_string()),
         ];
         if let Some(state) = state {
             all.push(("HAMIRROR_STATE".to_string(), state.as_str().to_string()));
@@ -104,11 +92,7 @@ pub async fn run_script(
         Found::Missing => return ScriptOutcome::Ok,
         Found::Runnable => {}
         Found::NotExecutable(why) => {
-            let text = format!(
-                "{name}: {} {why}: run chmod +x {}",
-                path.display(),
-                path.display()
-            );
+            let text = format!("{name}: {} {why}: run chmod +x {}", path.display(), path.display());
             note(&user_log, &text);
             ModuleLog::new(paths, &env.module).line(LogLevel::Error, &format!("script {text}"));
             return ScriptOutcome::Failed;
@@ -119,13 +103,7 @@ pub async fn run_script(
     }
     let cwd = paths.module_dir(&env.module);
     let vars = env.variables(Some(state));
-    let first = Invocation {
-        label: name.to_string(),
-        path: &path,
-        args: &[],
-        cwd: &cwd,
-        vars: &vars,
-    };
+    let first = Invocation { label: name.to_string(), path: &path, args: &[], cwd: &cwd, vars: &vars };
     if !script.is_stop() {
         return match first.run(&user_log, user.starttimeout).await {
             End::Exit(0) => ScriptOutcome::Ok,
@@ -138,11 +116,7 @@ pub async fn run_script(
         End::TimedOut => {}
         _ => return ScriptOutcome::Failed,
     }
-    let forced = Invocation {
-        label: format!("{name} force"),
-        args: &["force"],
-        ..first
-    };
+    let forced = Invocation { label: format!("{name} force"), args: &["force"], ..first };
     match forced.run(&user_log, user.forcestoptimeout).await {
         End::Exit(0) => ScriptOutcome::Ok,
         End::TimedOut => ScriptOutcome::TimedOut,
@@ -202,24 +176,12 @@ impl Invocation<'_> {
         let out = match logs::open_append(user_log) {
             Ok(f) => Some(f),
             Err(e) => {
-                tracing::warn!(
-                    "cannot open {}: {e}; {label} runs without its output",
-                    user_log.display()
-                );
+                tracing::warn!("cannot open {}: {e}; {label} runs without its output", user_log.display());
                 None
             }
         };
         note(user_log, &format!("{label}: started"));
-        let end = match Spawned::spawn(
-            self.path,
-            self.args,
-            self.vars,
-            self.cwd,
-            out.as_ref(),
-            out.as_ref(),
-        )
-        .await
-        {
+        let end = match Spawned::spawn(self.path, self.args, self.vars, self.cwd, out.as_ref(), out.as_ref()).await {
             Ok(mut run) => run.wait_timeout(limit).await,
             Err(e) => {
                 note(user_log, &format!("{label}: cannot be started: {e}"));
@@ -284,16 +246,10 @@ impl Spawned {
             });
             match cmd.spawn() {
                 Ok(child) => {
-                    let pgid = child
-                        .id()
-                        .and_then(|id| i32::try_from(id).ok())
-                        .map(Pid::from_raw);
+                    let pgid = child.id().and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw);
                     return Ok(Spawned { child, pgid });
                 }
-                Err(e)
-                    if e.raw_os_error() == Some(libc::ETXTBSY)
-                        && attempt < SPAWN_TEXT_BUSY_RETRIES_MAX =>
-                {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && attempt < SPAWN_TEXT_BUSY_RETRIES_MAX => {
                     attempt += 1;
                     tokio::time::sleep(SPAWN_TEXT_BUSY_DELAY).await;
                 }

@@ -208,7 +208,10 @@ impl Supervisor {
                     // copy, so the resync is complete at once.
                     self.log.line(
                         LogLevel::Info,
-                        &format!("resync ({}) has no data to copy in this version", if full { "full" } else { "changes" }),
+                        &format!(
+                            "resync ({}) has no data to copy in this version",
+                            if full { "full" } else { "changes" }
+                        ),
                     );
                     let _ = self.events_tx.send(Event::ResyncDone { ok: true }).await;
                 }

@@ -209,7 +209,10 @@ impl Module {
     pub fn shutdown(&mut self, now: Instant) {
         self.restart_deadline = None;
         if self.state != State::Stop || self.run.is_some() {
-            self.log(LogLevel::Info, "the daemon is shutting down: stopping the module (it starts again with the daemon)");
+            self.log(
+                LogLevel::Info,
+                "the daemon is shutting down: stopping the module (it starts again with the daemon)",
+            );
             self.stop_requested = true;
         }
         self.evaluate(now);
@@ -240,6 +243,12 @@ impl Module {
                 if self.state.is_primary() && self.run.is_none() && self.witness.is_none() {
                     self.log(LogLevel::Error, format!("checker {ident} failed"));
                     self.failure(now, action);
+                }
+            }
+            Event::ResyncStarted => {
+                if self.resync_running && !self.p.stale {
+                    self.p.stale = true;
+                    self.persist();
                 }
             }
             Event::ResyncDone { ok } => self.on_resync_done(ok),
@@ -378,7 +387,9 @@ impl Module {
                     }
                     State::Stop => return Err(CommandError::NotRunning(self.params.name.clone())),
                     _ => {
-                        return Err(self.refuse("swap", "a swap needs one node PRIM and the other SECOND in sync".to_string()))
+                        return Err(
+                            self.refuse("swap", "a swap needs one node PRIM and the other SECOND in sync".to_string())
+                        )
                     }
                 }
             }
@@ -421,7 +432,9 @@ impl Module {
                     State::Second => {
                         if full {
                             if !self.peer_visible() || !self.peer_is_primary() {
-                                return Err(self.refuse("second", "a full resync needs the peer to be primary".to_string()));
+                                return Err(
+                                    self.refuse("second", "a full resync needs the peer to be primary".to_string())
+                                );
                             }
                             self.in_sync = false;
                             self.full_resync = true;
@@ -575,9 +588,15 @@ impl Module {
             self.lan_deadline[i] = None;
             let name = self.params.lans[i].clone();
             if self.peer_visible() {
-                self.log(LogLevel::Warn, format!("heartbeats lost on lan {name}; the peer is still seen on another lan"));
+                self.log(
+                    LogLevel::Warn,
+                    format!("heartbeats lost on lan {name}; the peer is still seen on another lan"),
+                );
             } else {
-                self.log(LogLevel::Warn, format!("heartbeats lost on lan {name}: the peer {} is lost", self.peer_name()));
+                self.log(
+                    LogLevel::Warn,
+                    format!("heartbeats lost on lan {name}: the peer {} is lost", self.peer_name()),
+                );
                 self.peer_lost = true;
             }
         }
@@ -750,17 +769,16 @@ impl Module {
                 self.peer_swap_requests_seen = peer.swap_request;
             }
             if !self.in_sync && !self.resync_running {
-                // From here until the resync ends, this node's data is a mix of old and new.
-                if !self.p.stale {
-                    self.p.stale = true;
-                    self.persist();
-                }
                 self.resync_running = true;
                 self.transition = Some(Transition::Resyncing);
                 self.actions.push_back(Action::StartResync { full: self.full_resync });
                 self.log(
                     LogLevel::Info,
-                    format!("resync from {} ({})", self.peer_name(), if self.full_resync { "full" } else { "changes only" }),
+                    format!(
+                        "resync from {} ({})",
+                        self.peer_name(),
+                        if self.full_resync { "full" } else { "changes only" }
+                    ),
                 );
             }
             return;
@@ -864,7 +882,10 @@ impl Module {
                 // Only after a repair (the preferred node just came back in sync), never
                 // against an admin's swap.
                 if rejoined && n == self.peer_name() {
-                    self.log(LogLevel::Info, format!("{n} is the default primary and is back in sync: swapping back to it"));
+                    self.log(
+                        LogLevel::Info,
+                        format!("{n} is the default primary and is back in sync: swapping back to it"),
+                    );
                     self.swap_out(now);
                 }
             }
@@ -894,9 +915,10 @@ impl Module {
     fn become_primary(&mut self, now: Instant, handover: bool) {
         let from = self.state;
         let peer_in_sync_same_gen = self.peer_visible()
-            && self.peer.as_ref().is_some_and(|p| {
-                p.state == State::Second && p.in_sync && p.history.last() == self.p.history.last()
-            });
+            && self
+                .peer
+                .as_ref()
+                .is_some_and(|p| p.state == State::Second && p.in_sync && p.history.last() == self.p.history.last());
         // Handover: the peer stopped for us, our data is its data: same generation, PRIM at once.
         if !(handover || (peer_in_sync_same_gen && self.p.history.last().is_some())) {
             self.new_generation(false);

@@ -94,7 +94,11 @@ pub enum Event {
     ScriptDone { script: Script, outcome: ScriptOutcome },
     /// A checker of the application failed.
     CheckerFailed { ident: String, action: crate::config::CheckAction },
-    /// The resync asked by [`Action::StartResync`] ended.
+    /// The peer accepted the resync asked by [`Action::StartResync`]: from now until it ends,
+    /// this node's data is a mix of old and new.
+    ResyncStarted,
+    /// The resync asked by [`Action::StartResync`] ended (`ok: false` when the peer refused it
+    /// or it broke off).
     ResyncDone { ok: bool },
 }
 
@@ -108,7 +112,8 @@ pub enum Action {
     SendHeartbeat(PeerStatus),
     /// Ping the witnesses; answer with [`Event::Witness`].
     CheckWitness,
-    /// Bring this node's data up to date from the peer; answer with [`Event::ResyncDone`].
+    /// Bring this node's data up to date from the peer; answer with [`Event::ResyncStarted`]
+    /// once the peer serves it (before any data changes), then [`Event::ResyncDone`].
     StartResync { full: bool },
     /// Abandon a resync in progress.
     StopResync,

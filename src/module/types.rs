@@ -49,7 +49,7 @@ impl PeerStatus {
     /// role, or starting as primary.
     pub fn acts_primary(&self) -> bool {
         match self.transition {
-            Some(Transition::StartingPrimary) | Some(Transition::Restarting) => true,
+            Some(Transition::StartingPrimary) => true,
             Some(Transition::Stopping) | Some(Transition::StartingSecondary) => false,
             _ => self.state.is_primary(),
         }

@@ -102,11 +102,7 @@ impl Probe {
     fn new() -> Probe {
         let mut cookie = [0u8; COOKIE_BYTES];
         rand::thread_rng().fill_bytes(&mut cookie);
-        Probe {
-            ident: rand::random(),
-            cookie,
-            seq_sent: 0,
-        }
+        Probe { ident: rand::random(), cookie, seq_sent: 0 }
     }
 
     /// The sequence number of the next round, or None once they are all used (a timeout of
@@ -119,11 +115,7 @@ impl Probe {
 
     fn echo_request(&self, v6: bool, seq: u16) -> [u8; PROBE_BYTES] {
         let mut msg = [0u8; PROBE_BYTES];
-        msg[0] = if v6 {
-            ICMPV6_ECHO_REQUEST
-        } else {
-            ICMPV4_ECHO_REQUEST
-        };
+        msg[0] = if v6 { ICMPV6_ECHO_REQUEST } else { ICMPV4_ECHO_REQUEST };
         msg[4..6].copy_from_slice(&self.ident.to_be_bytes());
         msg[6..8].copy_from_slice(&seq.to_be_bytes());
         msg[ICMP_HEADER_BYTES..].copy_from_slice(&self.cookie);
@@ -138,11 +130,7 @@ impl Probe {
 
     /// Is `icmp` (the ICMP message, without IP header) an echo reply to one of our probes?
     fn answers(&self, v6: bool, icmp: &[u8]) -> bool {
-        let reply = if v6 {
-            ICMPV6_ECHO_REPLY
-        } else {
-            ICMPV4_ECHO_REPLY
-        };
+        let reply = if v6 { ICMPV6_ECHO_REPLY } else { ICMPV4_ECHO_REPLY };
         icmp.len() == PROBE_BYTES
             && icmp[0] == reply
             && icmp[1] == 0
@@ -200,11 +188,7 @@ impl Family {
 /// A non-blocking raw ICMP (or ICMPv6) socket, driven by tokio's `UdpSocket`: it only issues
 /// `sendto`/`recvfrom`, which work on any datagram socket, so no unsafe code is needed.
 fn open_socket(v6: bool) -> io::Result<UdpSocket> {
-    let (domain, protocol) = if v6 {
-        (Domain::IPV6, Protocol::ICMPV6)
-    } else {
-        (Domain::IPV4, Protocol::ICMPV4)
-    };
+    let (domain, protocol) = if v6 { (Domain::IPV6, Protocol::ICMPV6) } else { (Domain::IPV4, Protocol::ICMPV4) };
     let socket = Socket::new(domain, Type::RAW, Some(protocol))?;
     socket.set_nonblocking(true)?;
     UdpSocket::from_std(socket.into())
@@ -212,16 +196,8 @@ fn open_socket(v6: bool) -> io::Result<UdpSocket> {
 
 /// Receive on whichever family's socket has something, into that family's buffer; a family
 /// with no witness left is not polled.
-async fn recv_any(
-    families: &[Family],
-    bufs: &mut [Vec<u8>; 2],
-) -> (usize, io::Result<(usize, SocketAddr)>) {
-    let live = |i: usize| {
-        families
-            .get(i)
-            .filter(|f| !f.targets.is_empty())
-            .map(|f| &f.socket)
-    };
+async fn recv_any(families: &[Family], bufs: &mut [Vec<u8>; 2]) -> (usize, io::Result<(usize, SocketAddr)>) {
+    let live = |i: usize| families.get(i).filter(|f| !f.targets.is_empty()).map(|f| &f.socket);
     let [buf0, buf1] = bufs;
     tokio::select! {
         got = recv_from(live(0), buf0) => (0, got),
@@ -284,10 +260,7 @@ mod tests {
         assert!(probe.answers(false, &reply(0)));
         assert!(!probe.answers(false, &reply(1)), "sequence not sent yet");
         let mut request = probe.echo_request(false, 0);
-        assert!(
-            !probe.answers(false, &request),
-            "our own request is not a reply"
-        );
+        assert!(!probe.answers(false, &request), "our own request is not a reply");
         request[0] = ICMPV4_ECHO_REPLY;
         assert!(!probe.answers(false, &request), "bad checksum");
         let mut forged = reply(0);
@@ -296,10 +269,7 @@ mod tests {
         let sum = checksum(&forged);
         forged[2..4].copy_from_slice(&sum.to_be_bytes());
         assert!(!probe.answers(false, &forged), "wrong cookie");
-        assert!(
-            !probe.answers(false, &reply(0)[..PROBE_BYTES - 1]),
-            "truncated"
-        );
+        assert!(!probe.answers(false, &reply(0)[..PROBE_BYTES - 1]), "truncated");
         let mut v6 = probe.echo_request(true, 0);
         v6[0] = ICMPV6_ECHO_REPLY;
         assert!(probe.answers(true, &v6));

@@ -94,11 +94,7 @@ impl Lab {
     /// Builds the lab and powers every host on.
     pub fn up(spec: LabSpec) -> Lab {
         require_root();
-        let name = format!(
-            "t{}-{}",
-            std::process::id(),
-            LAB_COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
+        let name = format!("t{}-{}", std::process::id(), LAB_COUNTER.fetch_add(1, Ordering::Relaxed));
         let mut args: Vec<String> = vec![
             "up".into(),
             name.clone(),
@@ -142,22 +138,14 @@ impl Lab {
     /// The host's private root: `etc/` is its /etc/hamirror, `state/` its
     /// /var/lib/hamirror, `bind/<path>` each bound path. Writable from the test directly.
     pub fn host_dir(&self, host: &str) -> PathBuf {
-        assert!(
-            self.spec.hosts.iter().any(|h| h == host),
-            "lab {} has no host {host}",
-            self.name
-        );
+        assert!(self.spec.hosts.iter().any(|h| h == host), "lab {} has no host {host}", self.name);
         self.dir.join(host)
     }
 
     /// Runs `cmd` inside `host` (cwd /) and returns its output; the exit code is the
     /// command's, or [`LAB_ERROR_EXIT_CODE`] when the host is off or frozen.
     pub fn exec<S: AsRef<OsStr>>(&self, host: &str, cmd: &[S]) -> Output {
-        lab_command()
-            .args(["exec", &self.name, host, "--"])
-            .args(cmd)
-            .output()
-            .expect("run tools/lab exec")
+        lab_command().args(["exec", &self.name, host, "--"]).args(cmd).output().expect("run tools/lab exec")
     }
 
     /// Like [`Lab::exec`], but panics unless the command succeeds; returns its stdout.
@@ -187,25 +175,19 @@ impl Lab {
             .expect("run tools/lab spawn");
         check(&format!("spawn {} {host}", self.name), &out);
         let pid = String::from_utf8_lossy(&out.stdout);
-        pid.trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("tools/lab spawn printed {pid:?}, not a pid"))
+        pid.trim().parse().unwrap_or_else(|_| panic!("tools/lab spawn printed {pid:?}, not a pid"))
     }
 
     /// The address of `host` (or `"witness"`) on `lan`.
     pub fn addr(&self, host: &str, lan: &str) -> IpAddr {
         let out = self.tool(&["addr", &self.name, host, lan]);
-        out.trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("tools/lab addr printed {out:?}, not an address"))
+        out.trim().parse().unwrap_or_else(|_| panic!("tools/lab addr printed {out:?}, not an address"))
     }
 
     /// The pid (as seen from the test) of the host's PID 1; panics when the host is off.
     pub fn pid1(&self, host: &str) -> u32 {
         let out = self.tool(&["pid1", &self.name, host]);
-        out.trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("tools/lab pid1 printed {out:?}, not a pid"))
+        out.trim().parse().unwrap_or_else(|_| panic!("tools/lab pid1 printed {out:?}, not a pid"))
     }
 
     /// Cuts the power: every process of the host is dead when this returns.
@@ -303,18 +285,14 @@ pub fn lab_tool() -> PathBuf {
 
 /// Where `tools/lab` keeps its labs.
 pub fn lab_root() -> PathBuf {
-    std::env::var_os("HAMIRROR_LAB_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/tmp/hamirror-lab"))
+    std::env::var_os("HAMIRROR_LAB_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/tmp/hamirror-lab"))
 }
 
 /// Whether `pid` names a live process (a zombie is dead).
 pub fn process_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // the state is the first field after "(comm) "
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X')),
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X')),
         Err(_) => false,
     }
 }
