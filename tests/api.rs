@@ -40,6 +40,7 @@ fn view(name: &str, error: Option<&str>) -> ModuleView {
         peer_node: Some("hostB".into()),
         status: None,
         error: error.map(str::to_string),
+        heartbeats_rejected: None,
     }
 }
 
@@ -74,7 +75,7 @@ fn fake_module(
     });
     let mut v = view(name, None);
     v.status = None;
-    (ModuleHandle { view: v, snapshot: snap_rx, commands: cmd_tx }, snap_tx)
+    (ModuleHandle { view: v, snapshot: snap_rx, commands: cmd_tx, rejected: None }, snap_tx)
 }
 
 fn fake() -> Fake {
@@ -91,9 +92,10 @@ fn fake() -> Fake {
     let (_, gone_snap) = watch::channel(snapshot(State::Stop));
     control.running.insert("web01".into(), web01);
     control.running.insert("db".into(), db);
-    control
-        .running
-        .insert("gone".into(), ModuleHandle { view: view("gone", None), snapshot: gone_snap, commands: gone_tx });
+    control.running.insert(
+        "gone".into(),
+        ModuleHandle { view: view("gone", None), snapshot: gone_snap, commands: gone_tx, rejected: None },
+    );
     control.broken.insert("bad".into(), view("bad", Some("userconfig.xml:3: <heart>: bad pulse")));
     let (reload_tx, mut reload_rx) = mpsc::channel::<oneshot::Sender<ReloadReport>>(1);
     tokio::spawn(async move {

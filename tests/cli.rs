@@ -265,8 +265,9 @@ fn handle(name: &str, snap: Snapshot, seen: Arc<Mutex<Vec<AdminCommand>>>) -> Mo
         peer_node: Some("hostB".into()),
         status: None,
         error: None,
+        heartbeats_rejected: None,
     };
-    ModuleHandle { view, snapshot: snap_rx, commands: cmd_tx }
+    ModuleHandle { view, snapshot: snap_rx, commands: cmd_tx, rejected: None }
 }
 
 // With a daemon on the socket: `state` exits with the state's code, `status` prints the

@@ -10,5 +10,5 @@ pub mod transport;
 pub mod wire;
 
 pub use key::{genkey, load_key, ClusterKey, KeyError};
-pub use transport::{HeartbeatLan, Heartbeats, RejectCounters};
+pub use transport::{HeartbeatLan, Heartbeats, RejectCounters, RejectCounts};
 pub use wire::{decode, encode, epoch_now, HeartbeatHeader, ReplayGuard, WireError, DATAGRAM_BYTES_MAX};

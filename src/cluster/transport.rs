@@ -63,7 +63,41 @@ pub struct RejectCounters {
     pub recv_errors: AtomicU64,
 }
 
+/// A copy of [`RejectCounters`] at one moment, for `status --json`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RejectCounts {
+    pub too_short: u64,
+    pub too_large: u64,
+    pub bad_magic: u64,
+    pub bad_version: u64,
+    pub bad_mac: u64,
+    pub malformed: u64,
+    pub wrong_sender: u64,
+    pub wrong_module: u64,
+    pub replayed: u64,
+    pub send_errors: u64,
+    pub recv_errors: u64,
+}
+
 impl RejectCounters {
+    /// The counters now.
+    pub fn counts(&self) -> RejectCounts {
+        let get = |c: &AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        RejectCounts {
+            too_short: get(&self.too_short),
+            too_large: get(&self.too_large),
+            bad_magic: get(&self.bad_magic),
+            bad_version: get(&self.bad_version),
+            bad_mac: get(&self.bad_mac),
+            malformed: get(&self.malformed),
+            wrong_sender: get(&self.wrong_sender),
+            wrong_module: get(&self.wrong_module),
+            replayed: get(&self.replayed),
+            send_errors: get(&self.send_errors),
+            recv_errors: get(&self.recv_errors),
+        }
+    }
+
     /// Datagrams received and dropped, all reasons together.
     pub fn rejected(&self) -> u64 {
         [

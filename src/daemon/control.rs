@@ -21,6 +21,9 @@ pub struct ModuleView {
     pub status: Option<Snapshot>,
     /// The configuration error that keeps this module from running.
     pub error: Option<String>,
+    /// Heartbeat datagrams dropped since the daemon started, by reason.
+    #[serde(default)]
+    pub heartbeats_rejected: Option<crate::cluster::RejectCounts>,
 }
 
 /// A request to one module's supervisor task.
@@ -34,6 +37,8 @@ pub struct ModuleHandle {
     pub view: ModuleView,
     pub snapshot: watch::Receiver<Snapshot>,
     pub commands: mpsc::Sender<ModuleRequest>,
+    /// The heartbeat transport's drop counters (`None` in tests without a transport).
+    pub rejected: Option<std::sync::Arc<crate::cluster::RejectCounters>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +86,7 @@ impl Control {
         if let Some(h) = self.running.get(name) {
             let mut v = h.view.clone();
             v.status = Some(h.snapshot.borrow().clone());
+            v.heartbeats_rejected = h.rejected.as_ref().map(|c| c.counts());
             return Some(v);
         }
         self.broken.get(name).cloned()

@@ -125,6 +125,7 @@ fn broken_view(name: &str, node: &str, error: String) -> ModuleView {
         peer_node: None,
         status: None,
         error: Some(error),
+        heartbeats_rejected: None,
     }
 }
 

@@ -98,6 +98,7 @@ pub fn start_module(
         peer_node: Some(peer.clone()),
         status: None,
         error: None,
+        heartbeats_rejected: None,
     };
     let env = ScriptEnv::new(&ctx.paths, &config.name, &ctx.node, Some(&peer), &config.user.vars);
     let supervisor = Supervisor {
@@ -114,8 +115,9 @@ pub fn start_module(
         checkers: None,
         shutdown,
     };
+    let rejected = Some(supervisor.heartbeats.counters());
     let task = tokio::spawn(supervisor.run());
-    Ok((ModuleHandle { view, snapshot: snapshot_rx, commands: commands_tx }, task))
+    Ok((ModuleHandle { view, snapshot: snapshot_rx, commands: commands_tx, rejected }, task))
 }
 
 struct Supervisor {
