@@ -129,6 +129,18 @@ fn pair(dir: &Path, modules: &[(&str, u16, bool)]) -> (Node, Node) {
     (a, b)
 }
 
+/// A pair with both daemons running and `module` started on both, settled in PRIM/SECOND;
+/// returns the nodes and their states (hostA's first).
+fn running_pair(dir: &Path, modules: &[(&str, u16, bool)], module: &str) -> (Node, Node, String, String) {
+    let (mut a, mut b) = pair(dir, modules);
+    a.start_daemon();
+    b.start_daemon();
+    assert!(a.cli(&["start", module]).status.success());
+    assert!(b.cli(&["start", module]).status.success());
+    let (sa, sb) = wait_roles(&a, &b, module);
+    (a, b, sa, sb)
+}
+
 fn wait_roles(a: &Node, b: &Node, module: &str) -> (String, String) {
     wait_until(&format!("{module} PRIM/SECOND"), DEADLINE, || {
         let sa = a.state(module)?;
@@ -144,12 +156,7 @@ fn wait_roles(a: &Node, b: &Node, module: &str) -> (String, String) {
 #[test]
 fn sigterm_stops_modules_and_a_restarted_daemon_resumes_them() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut a, mut b) = pair(dir.path(), &[("app", 41, true)]);
-    a.start_daemon();
-    b.start_daemon();
-    assert!(a.cli(&["start", "app"]).status.success());
-    assert!(b.cli(&["start", "app"]).status.success());
-    let (sa, _) = wait_roles(&a, &b, "app");
+    let (mut a, mut b, sa, _) = running_pair(dir.path(), &[("app", 41, true)], "app");
     let (prim, second) = if sa == "PRIM" { (&mut a, &mut b) } else { (&mut b, &mut a) };
 
     let status = prim.sigterm();
@@ -168,12 +175,7 @@ fn sigterm_stops_modules_and_a_restarted_daemon_resumes_them() {
 #[test]
 fn a_module_with_a_bad_config_does_not_stop_the_others() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut a, mut b) = pair(dir.path(), &[("good", 42, true), ("bad", 43, false)]);
-    a.start_daemon();
-    b.start_daemon();
-    assert!(a.cli(&["start", "good"]).status.success());
-    assert!(b.cli(&["start", "good"]).status.success());
-    wait_roles(&a, &b, "good");
+    let (a, _b, _, _) = running_pair(dir.path(), &[("good", 42, true), ("bad", 43, false)], "good");
     let all = a.status_json();
     let bad = all.as_array().unwrap().iter().find(|m| m["name"] == "bad").expect("bad module listed");
     let error = bad["error"].as_str().expect("an error sentence");
@@ -188,12 +190,7 @@ fn a_module_with_a_bad_config_does_not_stop_the_others() {
 #[test]
 fn forged_heartbeats_are_counted_and_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut a, mut b) = pair(dir.path(), &[("hb", 44, true)]);
-    a.start_daemon();
-    b.start_daemon();
-    assert!(a.cli(&["start", "hb"]).status.success());
-    assert!(b.cli(&["start", "hb"]).status.success());
-    let (sa, sb) = wait_roles(&a, &b, "hb");
+    let (a, b, sa, sb) = running_pair(dir.path(), &[("hb", 44, true)], "hb");
     let port = 10000 + 4 * 44;
     let sock = UdpSocket::bind("127.0.0.2:0").unwrap();
     let mut forged = b"HAMR\x01\x01".to_vec();
