@@ -135,6 +135,8 @@ pub struct Module {
     /// that keeps reaching it may stay primary without its peer.
     witness_recheck: Option<Instant>,
     stop_requested: bool,
+    /// A checker failed while the primary was busy: handled when it is idle again.
+    checker_failure: Option<CheckAction>,
     restarts: VecDeque<Instant>,
     swap_requests_sent: u32,
     peer_swap_requests_seen: u32,
@@ -169,6 +171,7 @@ impl Module {
             restart_deadline: None,
             witness_recheck: None,
             stop_requested: false,
+            checker_failure: None,
             restarts: VecDeque::new(),
             swap_requests_sent: 0,
             peer_swap_requests_seen: 0,
@@ -240,9 +243,10 @@ impl Module {
             Event::Witness { reachable } => self.on_witness(now, reachable),
             Event::ScriptDone { script, outcome } => self.on_script_done(now, script, outcome),
             Event::CheckerFailed { ident, action } => {
-                if self.state.is_primary() && self.run.is_none() && self.witness.is_none() {
+                if self.state.is_primary() {
                     self.log(LogLevel::Error, format!("checker {ident} failed"));
-                    self.failure(now, action);
+                    // Acted on once no script runs and no witness answer is awaited.
+                    self.checker_failure = Some(action);
                 }
             }
             Event::ResyncStarted => {
@@ -613,8 +617,15 @@ impl Module {
             }
             if self.stop_requested {
                 self.stop_requested = false;
+                self.checker_failure = None;
                 self.stop_module(now, Goal::Stop);
                 continue;
+            }
+            if let Some(action) = self.checker_failure.take() {
+                if self.state.is_primary() {
+                    self.failure(now, action);
+                    continue;
+                }
             }
             let before = (self.state, self.transition, self.p.history.len(), self.in_sync, self.resync_running);
             match self.state {
