@@ -209,3 +209,27 @@ fn forged_heartbeats_are_counted_and_change_nothing() {
     assert_eq!(a.state("hb"), Some(sa));
     assert_eq!(b.state("hb"), Some(sb));
 }
+
+// Proves a second daemon on the same node is refused with one sentence and the running one
+// keeps its role (its heartbeats are not made stale by the newcomer's epoch).
+#[test]
+fn a_second_daemon_on_the_same_node_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, sa, sb) = running_pair(dir.path(), &[("dup", 45, true)], "dup");
+    let out = Command::new(BIN)
+        .args(["--home", a.home.to_str().unwrap(), "--state-dir", a.state.to_str().unwrap()])
+        .args(["daemon", "--listen", "none"])
+        .env("HAMIRROR_NODE", a.name)
+        .output()
+        .expect("run a second daemon");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another hamirror daemon"), "stderr: {err}");
+    // Several timeouts later both still hold their roles.
+    let settle = std::time::Instant::now() + Duration::from_secs(3);
+    wait_until("three seconds of stable roles", DEADLINE, || {
+        assert_eq!(a.state("dup").as_deref(), Some(sa.as_str()));
+        assert_eq!(b.state("dup").as_deref(), Some(sb.as_str()));
+        (std::time::Instant::now() >= settle).then_some(())
+    });
+}

@@ -9,7 +9,7 @@ use hamirror::cluster::wire::{DATAGRAM_BYTES_MIN, HEADER_BYTES, TAG_BYTES};
 use hamirror::cluster::{
     decode, encode, ClusterKey, HeartbeatHeader, HeartbeatLan, Heartbeats, ReplayGuard, WireError, DATAGRAM_BYTES_MAX,
 };
-use hamirror::module::{Generation, PeerStatus, Role, State, Transition, HISTORY_MAX};
+use hamirror::module::{Generation, Origin, PeerStatus, Role, State, Transition, HISTORY_MAX};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tokio::net::UdpSocket;
@@ -28,8 +28,8 @@ fn status(swap_request: u32) -> PeerStatus {
         state: State::Second,
         transition: Some(Transition::Resyncing),
         history: vec![
-            Generation { node: 0, seq: 1, from_primary: false },
-            Generation { node: 1, seq: 4, from_primary: true },
+            Generation { node: 0, seq: 1, origin: Origin::Startup },
+            Generation { node: 1, seq: 4, origin: Origin::Primary },
         ],
         in_sync: false,
         eligible: true,
@@ -87,7 +87,7 @@ fn largest_status_fits_in_one_datagram() {
     let widest = PeerStatus {
         state: State::Second,
         transition: Some(Transition::StartingSecondary),
-        history: vec![Generation { node: 1, seq: u64::MAX, from_primary: true }; HISTORY_MAX],
+        history: vec![Generation { node: 1, seq: u64::MAX, origin: Origin::Primary }; HISTORY_MAX],
         in_sync: true,
         eligible: true,
         last_role: Role::Secondary,

@@ -11,7 +11,9 @@ use serde::Serialize;
 
 use super::client::ClientError;
 use super::{bad_answer, module_path, Ctx, Failure};
-use crate::config::{load_cluster, load_module, load_modules, ClusterConfig, MODULE_ID_MAX};
+use crate::config::{
+    load_cluster, load_module, load_modules, ClusterConfig, ModuleMode, MIRROR_MODULES_MAX, MODULE_ID_MAX,
+};
 use crate::daemon::control::{ModuleView, ReloadReport};
 use crate::module::State;
 
@@ -228,6 +230,9 @@ pub(super) fn install(ctx: &Ctx, source: &str, name: Option<&str>) -> Result<i32
         }
     }
 
+    // Counted before the copy: the loader applies the limit in name order, so a new module
+    // that sorts first would pass and push out a module that runs now.
+    let mirrors = load_modules(paths, &cluster).modules.iter().filter(|m| m.mode == ModuleMode::Mirror).count();
     fs::create_dir_all(paths.modules_dir())
         .map_err(|e| Failure::new(format!("cannot create {}: {e}", paths.modules_dir().display())))?;
     let undo = |f: Failure| {
@@ -240,7 +245,7 @@ pub(super) fn install(ctx: &Ctx, source: &str, name: Option<&str>) -> Result<i32
     fs::write(&config, edited)
         .map_err(|e| Failure::new(format!("cannot write {}: {e}", config.display())))
         .map_err(undo)?;
-    validate(ctx, &name, &cluster).map_err(undo)?;
+    validate(ctx, &name, &cluster, mirrors).map_err(undo)?;
     println!("installed module {name} (id {id}) in {}", dest.display());
     reload_after(ctx, Some(&name))
 }
@@ -270,10 +275,16 @@ fn choose_id(written: Option<&str>, used: &[(u16, String)], file: &Path) -> Resu
     }
 }
 
-/// The installed copy must load, alone and beside the other modules.
-fn validate(ctx: &Ctx, name: &str, cluster: &ClusterConfig) -> Result<(), Failure> {
+/// The installed copy must load, alone and beside the other modules (`mirrors`: the valid
+/// mirror modules installed before it).
+fn validate(ctx: &Ctx, name: &str, cluster: &ClusterConfig, mirrors: usize) -> Result<(), Failure> {
     let refused = |why: String| Failure::new(format!("module {name} is refused and was not installed: {why}"));
-    load_module(&ctx.paths.userconfig(name), cluster).map_err(|e| refused(e.to_string()))?;
+    let module = load_module(&ctx.paths.userconfig(name), cluster).map_err(|e| refused(e.to_string()))?;
+    if module.mode == ModuleMode::Mirror && mirrors >= MIRROR_MODULES_MAX {
+        return Err(refused(format!(
+            "the limit is {MIRROR_MODULES_MAX} mirror modules per node and {mirrors} are installed"
+        )));
+    }
     let set = load_modules(&ctx.paths, cluster);
     match set.refused.iter().find(|(n, _)| n == name) {
         Some((_, e)) => Err(refused(e.to_string())),

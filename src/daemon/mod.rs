@@ -74,27 +74,69 @@ impl Running {
         let installed: Vec<String> =
             set.modules.iter().map(|m| m.name.clone()).chain(set.refused.iter().map(|(n, _)| n.clone())).collect();
         control.broken.clear();
+        // Modules whose directory is gone: dropping the command sender ends their task once
+        // they are stopped (`module remove` refuses a module that is not STOP). First, so that
+        // their places count for the modules loaded below.
+        let gone: Vec<String> = control.running.keys().filter(|n| !installed.contains(n)).cloned().collect();
+        for name in gone {
+            control.running.remove(&name);
+            self.tasks.remove(&name);
+            report.removed.push(name);
+        }
         for (name, error) in set.refused {
+            if control.running.contains_key(&name) {
+                // A reload never stops a running module: it keeps the configuration it started
+                // with (the loader may also refuse it only because a new module comes first in
+                // name order; the new one is refused below instead).
+                tracing::warn!(
+                    module = %name,
+                    "its configuration is now refused ({error}); it keeps running with the configuration it started with"
+                );
+                continue;
+            }
             tracing::error!(module = %name, "module refused: {error}");
             report.refused.push((name.clone(), error.to_string()));
             control.broken.insert(name.clone(), broken_view(&name, &self.ctx.node, error.to_string()));
         }
+        let mut running_ids: BTreeMap<u16, String> =
+            control.running.iter().filter_map(|(n, h)| h.view.id.map(|id| (id, n.clone()))).collect();
         for module in set.modules {
             if control.running.contains_key(&module.name) {
                 continue;
             }
-            if module.mode == ModuleMode::Farm {
-                let error = "farm modules are not supported by this version".to_string();
-                report.refused.push((module.name.clone(), error.clone()));
-                control.broken.insert(module.name.clone(), broken_view(&module.name, &self.ctx.node, error));
+            let name = module.name.clone();
+            let file = self.ctx.paths.userconfig(&name);
+            let refusal = if module.mode == ModuleMode::Farm {
+                Some("farm modules are not supported by this version".to_string())
+            } else if let Some(other) = running_ids.get(&module.id) {
+                Some(format!(
+                    "{}: <module> attribute \"id\": id {} is already used by module \"{other}\", which is running; module \"{name}\" is refused",
+                    file.display(),
+                    module.id
+                ))
+            } else if control.running.len() >= config::MIRROR_MODULES_MAX {
+                Some(format!(
+                    "{}: the limit is {} mirror modules per node and {} are running; module \"{name}\" is refused",
+                    file.display(),
+                    config::MIRROR_MODULES_MAX,
+                    control.running.len()
+                ))
+            } else {
+                None
+            };
+            if let Some(error) = refusal {
+                tracing::error!(module = %name, "module refused: {error}");
+                report.refused.push((name.clone(), error.clone()));
+                control.broken.insert(name.clone(), broken_view(&name, &self.ctx.node, error));
                 continue;
             }
-            let name = module.name.clone();
+            let id = module.id;
             match start_module(&self.ctx, module, self.shutdown.clone()) {
                 Ok((handle, task)) => {
                     tracing::info!(module = %name, "module loaded");
                     control.running.insert(name.clone(), handle);
                     self.tasks.insert(name.clone(), watch_task(name.clone(), task));
+                    running_ids.insert(id, name.clone());
                     report.started.push(name);
                 }
                 Err(error) => {
@@ -103,14 +145,6 @@ impl Running {
                     control.broken.insert(name.clone(), broken_view(&name, &self.ctx.node, error));
                 }
             }
-        }
-        // Modules whose directory is gone: dropping the command sender ends their task once
-        // they are stopped (`module remove` refuses a module that is not STOP).
-        let gone: Vec<String> = control.running.keys().filter(|n| !installed.contains(n)).cloned().collect();
-        for name in gone {
-            control.running.remove(&name);
-            self.tasks.remove(&name);
-            report.removed.push(name);
         }
         report
     }
@@ -140,10 +174,42 @@ fn watch_task(name: String, task: JoinHandle<()>) -> JoinHandle<()> {
     })
 }
 
+/// Holds `hamirror.lock` in the state directory for the daemon's life: a second daemon on the
+/// same node would send heartbeats with a newer epoch and make the peer drop the first one's.
+fn lock_state_dir(paths: &Paths) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    use std::io::{Read, Seek, Write};
+    let path = paths.state_dir.join("hamirror.lock");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(mut lock) => {
+            lock.set_len(0)?;
+            lock.rewind()?;
+            writeln!(lock, "{}", std::process::id())?;
+            Ok(lock)
+        }
+        Err((mut file, _)) => {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            bail!(
+                "another hamirror daemon (pid {}) already runs with the state directory {}",
+                pid.trim(),
+                paths.state_dir.display()
+            )
+        }
+    }
+}
+
 async fn run_async(opts: DaemonOptions) -> anyhow::Result<()> {
     let paths = opts.paths.clone();
     std::fs::create_dir_all(paths.log_dir())
         .with_context(|| format!("cannot create the state directory {}", paths.state_dir.display()))?;
+    let _lock = lock_state_dir(&paths)?;
     let cluster = config::load_cluster(&paths.cluster_xml())?;
     let node = cluster.local_node(opts.node.as_deref())?;
     let Some(pair) = cluster.pair() else {

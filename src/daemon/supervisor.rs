@@ -23,6 +23,15 @@ const COMMAND_QUEUE_MAX: usize = 16;
 /// Script, witness and checker results waiting for one module's task.
 const EVENT_QUEUE_MAX: usize = 64;
 
+/// A timer that fires this much after its deadline means this daemon was stalled (see
+/// [`Supervisor::read_backlog`]); the machine's pulse timer keeps deadlines at most one pulse
+/// apart, so a longer delay is a stall, not a quiet period.
+const STALL_MIN: Duration = Duration::from_millis(100);
+/// After a stall: heartbeats are read until none arrives for this long...
+const BACKLOG_QUIET: Duration = Duration::from_millis(20);
+/// ... or for at most this long.
+const BACKLOG_MAX: Duration = Duration::from_millis(250);
+
 /// How long the witnesses get to answer: half the heartbeat timeout, within these bounds.
 fn witness_timeout(heartbeat_timeout: Duration) -> Duration {
     (heartbeat_timeout / 2).clamp(Duration::from_millis(500), Duration::from_secs(3))
@@ -152,6 +161,10 @@ impl Supervisor {
             let deadline = self.machine.poll_timeout().map(tokio::time::Instant::from_std);
             tokio::select! {
                 _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
+                    let late = deadline.map(|d| tokio::time::Instant::now().saturating_duration_since(d));
+                    if late.is_some_and(|l| l > STALL_MIN) {
+                        self.read_backlog().await;
+                    }
                     self.machine.handle_timeout(Instant::now());
                 }
                 (lan, status) = self.heartbeats.recv() => {
@@ -178,6 +191,27 @@ impl Supervisor {
         }
         self.checkers = None;
         self.log.line(LogLevel::Info, "supervisor ended");
+    }
+
+    /// After a stall (the host was frozen, suspended or starved), the heartbeats the peer sent
+    /// meanwhile wait in the sockets and the readers' queue, while the timers are overdue.
+    /// Hands those heartbeats to the machine first, so that it judges the peer on what the
+    /// peer said during the stall rather than on a silence that never happened: otherwise a
+    /// thawed primary could time its peer out, start a new generation and win the split
+    /// brain against the node that took over while it was frozen.
+    async fn read_backlog(&mut self) {
+        let end = tokio::time::Instant::now() + BACKLOG_MAX;
+        loop {
+            let quiet = (tokio::time::Instant::now() + BACKLOG_QUIET).min(end);
+            tokio::select! {
+                biased;
+                (lan, status) = self.heartbeats.recv() => {
+                    self.machine.handle(Instant::now(), Event::Heartbeat { lan, status });
+                    self.execute().await;
+                }
+                _ = tokio::time::sleep_until(quiet) => return,
+            }
+        }
     }
 
     /// Executes every pending action, in order.

@@ -72,6 +72,8 @@ enum Goal {
     Stop,
     /// `stopstart`: STOP, then start again once the peer took over (or a timeout passed).
     StopThenStart,
+    /// At boot, stop an application a crashed daemon left running; then start if running.
+    Cleanup,
     /// A local restart of the application: back to the same state.
     Same,
 }
@@ -131,6 +133,9 @@ pub struct Module {
     orphan_deadline: Option<Instant>,
     /// `stopstart`: when to start again at the latest.
     restart_deadline: Option<Instant>,
+    /// This node is primary because an admin said so while the peer was unseen: it does not
+    /// re-ask the witness until the peer is seen again.
+    admin_primary: bool,
     /// An isolated primary asks the witness again at this time: with a witness, only a node
     /// that keeps reaching it may stay primary without its peer.
     witness_recheck: Option<Instant>,
@@ -169,6 +174,7 @@ impl Module {
             startup_deadline: None,
             orphan_deadline: None,
             restart_deadline: None,
+            admin_primary: false,
             witness_recheck: None,
             stop_requested: false,
             checker_failure: None,
@@ -200,7 +206,13 @@ impl Module {
     /// starts the module when the admin left it running.
     pub fn boot(&mut self, now: Instant) {
         self.next_pulse = Some(now);
-        if self.p.running {
+        if self.p.app_running {
+            self.log(
+                LogLevel::Warn,
+                "the application may still run from before this daemon stopped: running stop_prim",
+            );
+            self.begin(now, &[Script::StopPrim], Goal::Cleanup);
+        } else if self.p.running {
             self.log(LogLevel::Info, "the module was running before this daemon started: starting it");
             self.start(now, Intent::Auto);
         }
@@ -421,6 +433,7 @@ impl Module {
                             self.log(LogLevel::Warn, "forced primary on data known to be stale");
                         }
                         self.intent = Intent::Auto;
+                        self.admin_primary = !self.peer_visible();
                         self.become_primary(now, false);
                     }
                 }
@@ -449,6 +462,12 @@ impl Module {
                         }
                     }
                     State::Alone | State::Prim => {
+                        if full {
+                            return Err(self.refuse(
+                                "second",
+                                "--full applies to a secondary; swap first, then run `second --full` there".to_string(),
+                            ));
+                        }
                         if self.state == State::Prim && self.peer_in_sync_second() {
                             self.swap_out(now);
                         } else {
@@ -529,6 +548,10 @@ impl Module {
         }
         run.current = None;
         let goal = run.goal;
+        if script == Script::StopPrim && self.p.app_running {
+            self.p.app_running = false;
+            self.persist();
+        }
         if outcome != ScriptOutcome::Ok {
             let what = if outcome == ScriptOutcome::TimedOut { "timed out" } else { "failed" };
             if script.is_stop() {
@@ -681,6 +704,16 @@ impl Module {
             self.set_wait_reason(WaitReason::Deciding);
             return;
         }
+        if peer.acts_primary()
+            && rel == Relation::Divergent
+            && self.wins_split_brain(&peer)
+            && !self.p.stale
+            && !matches!(self.intent, Intent::Secondary { .. })
+        {
+            // Split brain, and this node's branch wins: the peer steps down when it sees it.
+            self.set_wait_reason(WaitReason::Deciding);
+            return;
+        }
         if peer.acts_primary() {
             if matches!(rel, Relation::PeerNewer) && !self.p.stale {
                 self.p.stale = true;
@@ -693,6 +726,24 @@ impl Module {
             self.intent = Intent::Auto;
             self.become_second(now, full);
             return;
+        }
+        if peer.state.is_primary() {
+            // The peer is leaving the primary role (its stop scripts run): the application may
+            // still run there, so nothing starts here until it has stopped.
+            self.set_wait_reason(WaitReason::PeerPrimary);
+            return;
+        }
+        if let Intent::Primary { force } = self.intent {
+            if force || (!self.p.stale && rel != Relation::PeerNewer) {
+                self.intent = Intent::Auto;
+                if self.p.stale || rel == Relation::PeerNewer {
+                    self.log(LogLevel::Warn, "forced primary on data known to be stale");
+                }
+                self.admin_primary = true;
+                self.become_primary(now, false);
+                return;
+            }
+            self.intent = Intent::Auto;
         }
         if let Intent::Secondary { .. } = self.intent {
             self.set_wait_reason(WaitReason::SecondRequested);
@@ -736,6 +787,7 @@ impl Module {
                 if self.p.stale && !force {
                     self.go_wait(now, WaitReason::StaleData);
                 } else {
+                    self.admin_primary = true;
                     self.become_primary(now, false);
                 }
                 return;
@@ -800,6 +852,11 @@ impl Module {
             self.become_primary(now, true);
             return;
         }
+        if peer.state.is_primary() {
+            // Its stop scripts run (a swap or a stop): wait for them, however long they take.
+            self.orphan_deadline = None;
+            return;
+        }
         if peer.state == State::Stop {
             if self.in_sync {
                 self.log(LogLevel::Info, format!("{} stopped: taking over", self.peer_name()));
@@ -820,12 +877,13 @@ impl Module {
             if self.peer_lost {
                 self.peer_lost = false;
                 self.primary_lost_peer(now);
-            } else if self.params.witness_configured && self.witness_recheck.is_none() {
+            } else if self.params.witness_configured && self.witness_recheck.is_none() && !self.admin_primary {
                 self.witness_recheck = Some(now + self.params.timeout);
             }
             return;
         }
         self.witness_recheck = None;
+        self.admin_primary = false;
         let Some(peer) = self.peer.clone() else { return };
         let rel = relation(&self.p.history, &peer.history);
         if peer.acts_primary() && self.transition.is_none() {
@@ -845,7 +903,7 @@ impl Module {
                     self.peer_name(),
                     match rel {
                         Relation::PeerNewer => "its data is newer",
-                        Relation::Divergent => "split brain: it was primary before the split",
+                        Relation::Divergent => self.split_brain_verdict(&peer).1,
                         _ => "tie-break",
                     }
                 ),
@@ -855,6 +913,23 @@ impl Module {
             }
             let full = self.needs_full_resync(rel);
             self.become_second(now, full);
+            return;
+        }
+        if rel == Relation::Divergent
+            && self.transition.is_none()
+            && peer.state == State::Wait
+            && peer.eligible
+            && !self.wins_split_brain(&peer)
+        {
+            let why = self.split_brain_verdict(&peer).1;
+            self.log(
+                LogLevel::Warn,
+                format!(
+                    "{} holds the winning branch of a split brain ({why}): stopping the application here",
+                    self.peer_name()
+                ),
+            );
+            self.go_wait(now, WaitReason::Deciding);
             return;
         }
         if rel == Relation::PeerNewer && self.transition.is_none() {
@@ -932,7 +1007,9 @@ impl Module {
                 .is_some_and(|p| p.state == State::Second && p.in_sync && p.history.last() == self.p.history.last());
         // Handover: the peer stopped for us, our data is its data: same generation, PRIM at once.
         if !(handover || (peer_in_sync_same_gen && self.p.history.last().is_some())) {
-            self.new_generation(false);
+            // An up-to-date secondary succeeds its primary; anything else starts afresh.
+            let origin = if from == State::Second && self.in_sync { Origin::Failover } else { Origin::Startup };
+            self.new_generation(origin);
         }
         self.p.last_role = Role::Primary;
         self.p.peer_may_be_newer = false;
@@ -977,7 +1054,7 @@ impl Module {
     /// new generation: the peer may hold the current one (a resync it finished unseen, or an
     /// in-sync SECOND), so later writes must be told apart from it.
     fn primary_without_peer(&mut self) {
-        self.new_generation(self.state == State::Prim);
+        self.new_generation(Origin::Primary);
         self.persist();
         self.state = State::Alone;
     }
@@ -1152,7 +1229,7 @@ impl Module {
             Goal::Decide => Transition::Starting,
             Goal::Primary => Transition::StartingPrimary,
             Goal::Secondary { .. } => Transition::StartingSecondary,
-            Goal::Wait(_) | Goal::Stop | Goal::StopThenStart => Transition::Stopping,
+            Goal::Wait(_) | Goal::Stop | Goal::StopThenStart | Goal::Cleanup => Transition::Stopping,
             Goal::Same => Transition::Restarting,
         });
         self.run = Some(Run { queue: scripts.iter().copied().collect(), current: None, goal });
@@ -1164,6 +1241,10 @@ impl Module {
         let Some(run) = self.run.as_mut() else { return };
         if let Some(script) = run.queue.pop_front() {
             run.current = Some(script);
+            if script == Script::StartPrim && !self.p.app_running {
+                self.p.app_running = true;
+                self.persist();
+            }
             self.actions.push_back(Action::RunScript(script));
             return;
         }
@@ -1197,10 +1278,12 @@ impl Module {
                 }
             }
             Goal::Wait(reason) => {
+                self.admin_primary = false;
                 self.state = State::Wait;
                 self.set_wait_reason(reason);
             }
             Goal::Stop | Goal::StopThenStart => {
+                self.admin_primary = false;
                 self.state = State::Stop;
                 self.wait_reason = None;
                 self.intent = Intent::Auto;
@@ -1214,6 +1297,12 @@ impl Module {
             Goal::Same => {
                 if self.state.is_primary() {
                     self.actions.push_back(Action::Checkers(true));
+                }
+            }
+            Goal::Cleanup => {
+                if self.p.running {
+                    self.log(LogLevel::Info, "the module was running before this daemon started: starting it");
+                    self.start(now, Intent::Auto);
                 }
             }
         }
@@ -1230,9 +1319,9 @@ impl Module {
         self.actions.push_back(Action::CheckWitness);
     }
 
-    fn new_generation(&mut self, from_primary: bool) {
+    fn new_generation(&mut self, origin: Origin) {
         self.p.gen_seq += 1;
-        let g = Generation { node: self.params.node_index, seq: self.p.gen_seq, from_primary };
+        let g = Generation { node: self.params.node_index, seq: self.p.gen_seq, origin };
         self.p.history.push(g);
         if self.p.history.len() > HISTORY_MAX {
             self.p.history.remove(0);
@@ -1243,15 +1332,25 @@ impl Module {
         !matches!(rel, Relation::Same | Relation::PeerNewer) || self.p.history.is_empty()
     }
 
-    /// After a split brain, the node whose branch began on a node that was PRIM wins; then
-    /// the default primary; then the first node of the pair.
+    /// After a split brain: the branch started by the node that was primary before the split
+    /// wins, then the one started by a secondary taking over, over one started at a restart or
+    /// by `prim`; between equals, the default primary, then the first node of the pair.
     fn wins_split_brain(&self, peer: &PeerStatus) -> bool {
-        let mine = fork_point(&self.p.history, &peer.history).map(|g| g.from_primary).unwrap_or(false);
-        let theirs = fork_point(&peer.history, &self.p.history).map(|g| g.from_primary).unwrap_or(false);
+        self.split_brain_verdict(peer).0
+    }
+
+    /// The split-brain winner and the rule that chose it, for the log.
+    fn split_brain_verdict(&self, peer: &PeerStatus) -> (bool, &'static str) {
+        let mine = fork_point(&self.p.history, &peer.history).map(|g| g.origin).unwrap_or(Origin::Startup);
+        let theirs = fork_point(&peer.history, &self.p.history).map(|g| g.origin).unwrap_or(Origin::Startup);
         if mine != theirs {
-            return mine;
+            let why = match mine.max(theirs) {
+                Origin::Primary => "split brain: it was primary before the split",
+                _ => "split brain: it took over as an up-to-date secondary",
+            };
+            return (mine > theirs, why);
         }
-        self.preferred_over(peer)
+        (self.preferred_over(peer), "split brain between equals: default primary, then node order")
     }
 
     /// With equal data: the default primary, then the last primary (`lastprim`), then the

@@ -68,6 +68,10 @@ pub struct PersistedState {
     pub history: Vec<Generation>,
     /// Highest generation counter this node has used.
     pub gen_seq: u64,
+    /// start_prim began and stop_prim has not run since: after a daemon crash, the
+    /// application may still run and is stopped before anything else.
+    #[serde(default)]
+    pub app_running: bool,
 }
 
 impl Default for PersistedState {
@@ -79,6 +83,7 @@ impl Default for PersistedState {
             stale: false,
             history: Vec::new(),
             gen_seq: 0,
+            app_running: false,
         }
     }
 }

@@ -154,9 +154,21 @@ pub struct Generation {
     pub node: u8,
     /// Per-node counter: unique with `node`.
     pub seq: u64,
-    /// True when it was started by a node that was PRIM with an up-to-date peer the moment
-    /// it lost that peer: after a split brain, that node's branch wins.
-    pub from_primary: bool,
+    /// How the node that started it became primary: after a split brain, the branch whose
+    /// origin ranks higher wins.
+    pub origin: Origin,
+}
+
+/// How a generation began, in the order a split brain is decided (highest wins).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// A node became primary without an up-to-date peer: at start, or by an admin's `prim`.
+    Startup,
+    /// An up-to-date secondary took over from its lost or stopped primary.
+    Failover,
+    /// A primary lost its peer, or its peer stopped replicating, and went on alone.
+    Primary,
 }
 
 impl fmt::Display for Generation {
