@@ -298,7 +298,7 @@ impl Module {
         }
         if self.restart_deadline.is_some_and(|t| t <= now) {
             self.restart_deadline = None;
-            if self.state == State::Stop && self.p.running {
+            if self.state == State::Stop && self.p.running && self.run.is_none() {
                 self.start(now, Intent::Auto);
             }
         }
@@ -365,6 +365,7 @@ impl Module {
                 if self.state != State::Stop {
                     return Err(CommandError::AlreadyRunning(self.params.name.clone()));
                 }
+                busy(self, "start")?;
                 self.start(now, Intent::Auto);
             }
             AdminCommand::Stop => {
