@@ -114,6 +114,7 @@ fn params(node_index: u8) -> ModuleParams {
         maxloop: 3,
         loop_interval: secs(60),
         witness_configured: false,
+        witness_timeout: hamirror::module::witness_timeout(TIMEOUT),
     }
 }
 

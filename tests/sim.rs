@@ -154,6 +154,7 @@ fn params(
         maxloop: 3,
         loop_interval: Duration::from_secs(60),
         witness_configured: witness,
+        witness_timeout: hamirror::module::witness_timeout(timeout),
     }
 }
 

@@ -271,6 +271,8 @@ pub struct Heartbeats {
     readers: Vec<JoinHandle<()>>,
     shared: Arc<Shared>,
     freshness: Freshness,
+    /// The newest status accepted on any lan, with its (epoch, seq).
+    newest: Option<((u64, u64), PeerStatus)>,
 }
 
 impl fmt::Debug for Heartbeats {
@@ -345,6 +347,7 @@ impl Heartbeats {
             readers,
             shared,
             freshness,
+            newest: None,
         })
     }
 
@@ -375,7 +378,19 @@ impl Heartbeats {
                 return std::future::pending().await;
             };
             match self.freshness.admit(got.lan, &got.header) {
-                Ok(()) => return (got.lan, got.status),
+                Ok(()) => {
+                    // A slower lan may deliver a datagram older than one already seen on
+                    // another lan: it still proves that lan alive, but the status handed on
+                    // is always the newest, so a decision never rests on an outdated one.
+                    let order = (got.header.epoch, got.header.seq);
+                    match &self.newest {
+                        Some((seen, status)) if *seen > order => return (got.lan, status.clone()),
+                        _ => {
+                            self.newest = Some((order, got.status.clone()));
+                            return (got.lan, got.status);
+                        }
+                    }
+                }
                 Err(e) => {
                     let lan = &self.lans[got.lan].name;
                     let why = format_args!("{e} (epoch {} seq {})", got.header.epoch, got.header.seq);

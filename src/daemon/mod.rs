@@ -38,7 +38,8 @@ pub struct DaemonOptions {
 /// Runs the node daemon until SIGTERM/SIGINT.
 pub fn run(opts: DaemonOptions) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HAMIRROR_LOG").unwrap_or_else(|_| "info".into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).try_init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(RUNTIME_WORKERS)
         .enable_all()

@@ -32,11 +32,6 @@ const BACKLOG_QUIET: Duration = Duration::from_millis(20);
 /// ... or for at most this long.
 const BACKLOG_MAX: Duration = Duration::from_millis(250);
 
-/// How long the witnesses get to answer: half the heartbeat timeout, within these bounds.
-fn witness_timeout(heartbeat_timeout: Duration) -> Duration {
-    (heartbeat_timeout / 2).clamp(Duration::from_millis(500), Duration::from_secs(3))
-}
-
 /// Everything a module needs that comes from outside its own config.
 pub struct ModuleContext {
     pub paths: Paths,
@@ -232,7 +227,7 @@ impl Supervisor {
                 Action::SendHeartbeat(status) => self.heartbeats.send(&status).await,
                 Action::CheckWitness => {
                     let witnesses = self.config.splitbrain.as_ref().map(|s| s.witnesses.clone()).unwrap_or_default();
-                    let timeout = witness_timeout(self.config.heart.timeout);
+                    let timeout = self.machine.params().witness_timeout;
                     let tx = self.events_tx.clone();
                     tokio::spawn(async move {
                         let reachable = crate::quorum::witness_reachable(&witnesses, timeout).await;

@@ -14,6 +14,10 @@ use crate::config::{CheckAction, DefaultPrim};
 /// How much later than its deadline a heartbeat timeout may fire before the machine concludes
 /// that this host was frozen or stalled, and gives the peer one more timeout to speak before
 /// acting on the silence (a thawed primary must learn that the peer took over, not fail over).
+/// After the witness approved a takeover, the time left beyond the witness timeout and one
+/// pulse for a primary that cannot reach the witness to run its stop script.
+const FENCE_MARGIN: Duration = Duration::from_millis(200);
+
 fn freeze_slack(timeout: Duration, pulse: Duration) -> Duration {
     (timeout / 2).max(pulse * 2)
 }
@@ -133,6 +137,9 @@ pub struct Module {
     orphan_deadline: Option<Instant>,
     /// `stopstart`: when to start again at the latest.
     restart_deadline: Option<Instant>,
+    /// The witness approved a takeover: it happens at this time unless the peer speaks first,
+    /// leaving a primary that cannot reach the witness the time to stop its application.
+    fence_deadline: Option<Instant>,
     /// This node is primary because an admin said so while the peer was unseen: it does not
     /// re-ask the witness until the peer is seen again.
     admin_primary: bool,
@@ -175,6 +182,7 @@ impl Module {
             orphan_deadline: None,
             restart_deadline: None,
             admin_primary: false,
+            fence_deadline: None,
             witness_recheck: None,
             stop_requested: false,
             checker_failure: None,
@@ -290,6 +298,13 @@ impl Module {
                 self.leave_second_for_wait(now);
             }
         }
+        if self.fence_deadline.is_some_and(|t| t <= now) {
+            self.fence_deadline = None;
+            self.transition = None;
+            if !self.peer_visible() && self.run.is_none() && matches!(self.state, State::Second | State::Wait) {
+                self.become_primary(now, false);
+            }
+        }
         if self.witness_recheck.is_some_and(|t| t <= now) {
             self.witness_recheck = None;
             if self.state.is_primary() && !self.peer_visible() && self.run.is_none() && self.witness.is_none() {
@@ -306,11 +321,18 @@ impl Module {
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        [self.next_pulse, self.startup_deadline, self.orphan_deadline, self.restart_deadline, self.witness_recheck]
-            .into_iter()
-            .chain(self.lan_deadline.iter().copied())
-            .flatten()
-            .min()
+        [
+            self.next_pulse,
+            self.startup_deadline,
+            self.orphan_deadline,
+            self.restart_deadline,
+            self.witness_recheck,
+            self.fence_deadline,
+        ]
+        .into_iter()
+        .chain(self.lan_deadline.iter().copied())
+        .flatten()
+        .min()
     }
 
     pub fn poll_action(&mut self) -> Option<Action> {
@@ -355,7 +377,7 @@ impl Module {
 
     fn admin(&mut self, now: Instant, cmd: &AdminCommand) -> Result<(), CommandError> {
         let busy = |m: &Module, command: &'static str| -> Result<(), CommandError> {
-            if m.run.is_some() || m.witness.is_some() {
+            if m.run.is_some() || m.witness.is_some() || m.fence_deadline.is_some() {
                 return Err(m.refuse(command, format!("it is busy ({})", m.transition_name())));
             }
             Ok(())
@@ -505,6 +527,10 @@ impl Module {
         self.peer = Some(status);
         if !was_visible {
             self.peer_lost = false;
+            if self.fence_deadline.take().is_some() {
+                self.transition = None;
+                self.log(LogLevel::Info, "the peer is back: no takeover");
+            }
         }
     }
 
@@ -535,7 +561,18 @@ impl Module {
                 self.actions.push_back(Action::Checkers(false));
                 self.begin(now, &[Script::StopPrim], Goal::Wait(WaitReason::WitnessUnreachable));
             }
-            (WitnessFor::TakeOver, true) => self.become_primary(now, false),
+            (WitnessFor::TakeOver, true) => {
+                let fence = self.params.witness_timeout + self.params.pulse + FENCE_MARGIN;
+                self.log(
+                    LogLevel::Info,
+                    format!(
+                        "taking over in {} ms, once a primary that cannot reach the witness has stopped",
+                        fence.as_millis()
+                    ),
+                );
+                self.fence_deadline = Some(now + fence);
+                self.transition = Some(Transition::CheckingWitness);
+            }
             (WitnessFor::TakeOver, false) => self.go_wait(now, WaitReason::WitnessUnreachable),
         }
     }
@@ -636,7 +673,7 @@ impl Module {
         // Bounded: each pass either acts (and a script run, witness question or state change
         // ends the loop) or finds nothing to do.
         for _ in 0..4 {
-            if self.run.is_some() || self.witness.is_some() {
+            if self.run.is_some() || self.witness.is_some() || self.fence_deadline.is_some() {
                 return;
             }
             if self.stop_requested {

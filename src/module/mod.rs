@@ -31,6 +31,14 @@ pub struct ModuleParams {
     pub maxloop: u32,
     pub loop_interval: Duration,
     pub witness_configured: bool,
+    /// How long the witnesses get to answer (see [`witness_timeout`]).
+    pub witness_timeout: Duration,
+}
+
+/// How long the witnesses get to answer a ping: a third of the heartbeat timeout, within
+/// 300 ms and 3 s.
+pub fn witness_timeout(heartbeat_timeout: Duration) -> Duration {
+    (heartbeat_timeout / 3).clamp(Duration::from_millis(300), Duration::from_secs(3))
 }
 
 impl ModuleParams {
@@ -49,6 +57,7 @@ impl ModuleParams {
             maxloop: config.failover.maxloop,
             loop_interval: config.failover.loop_interval,
             witness_configured: config.splitbrain.is_some(),
+            witness_timeout: witness_timeout(config.heart.timeout),
         }
     }
 }
