@@ -2,9 +2,10 @@
 //! authenticated, checked against the peer's address, node index and module id, and
 //! replay-checked before it reaches the module.
 //!
-//! One reader task per socket does the stateless checks (size, tag, sender) and feeds a
-//! bounded queue; [`Heartbeats::recv`] does the replay check. Waiting on the queue is
-//! cancel-safe, so `recv` can sit in a `tokio::select!` beside timers.
+//! [`Heartbeats::recv`] polls every socket itself (no task in between: one wake-up per
+//! datagram), does the stateless checks (size, tag, sender), then the replay check. A datagram
+//! is taken from a socket only when it is handled at once, so `recv` is cancel-safe and can
+//! sit in a `tokio::select!` beside timers.
 
 use std::fmt;
 use std::io;
@@ -14,22 +15,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::ReadBuf;
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use super::key::ClusterKey;
 use super::wire::{self, HeartbeatHeader, ReplayGuard, WireError, DATAGRAM_BYTES_MAX};
 use crate::module::PeerStatus;
 
-/// Authenticated heartbeats waiting for [`Heartbeats::recv`]; when full, readers wait and the
-/// kernel drops newer datagrams.
-const RECV_QUEUE_DATAGRAMS_MAX: usize = 32;
 /// At most one warning per reject reason in this interval (the first one is always logged).
 const REJECT_WARN_INTERVAL: Duration = Duration::from_secs(10);
-/// Pause of a reader after a receive error, so a persistent error cannot spin a core.
-const RECV_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 /// How many sequence numbers below the newest accepted one are remembered across lans.
 const SEEN_WINDOW_DATAGRAMS: u64 = 64;
 
@@ -160,7 +155,7 @@ impl Reason {
     }
 }
 
-/// What the reader tasks and the receiver share: the counters and the warning rate limiter.
+/// What the lans of one module share: the counters and the warning rate limiter.
 struct Shared {
     counters: Arc<RejectCounters>,
     module_id: u16,
@@ -257,7 +252,7 @@ impl Freshness {
     }
 }
 
-/// The heartbeat sockets of one module. Dropping it stops its reader tasks.
+/// The heartbeat sockets of one module.
 pub struct Heartbeats {
     key: ClusterKey,
     node_index: u8,
@@ -267,8 +262,11 @@ pub struct Heartbeats {
     sockets: Vec<Arc<UdpSocket>>,
     /// Next datagram's sequence number, shared by all lans.
     seq: AtomicU64,
-    queue: mpsc::Receiver<Authenticated>,
-    readers: Vec<JoinHandle<()>>,
+    inbound: Vec<Inbound>,
+    /// One byte more than the largest heartbeat, so that a larger datagram shows as such.
+    buf: Vec<u8>,
+    /// The socket polled first next time, so that a busy lan cannot starve the others.
+    next_socket: usize,
     shared: Arc<Shared>,
     freshness: Freshness,
     /// The newest status accepted on any lan, with its (epoch, seq).
@@ -287,8 +285,8 @@ impl fmt::Debug for Heartbeats {
 }
 
 impl Heartbeats {
-    /// Bind one socket per lan on its `local` address (SO_REUSEADDR) and start a reader task
-    /// for each. Must be called inside a Tokio runtime. `epoch` is this daemon's start
+    /// Bind one socket per lan on its `local` address (SO_REUSEADDR). Must be called inside a
+    /// Tokio runtime. `epoch` is this daemon's start
     /// ([`wire::epoch_now`]).
     pub fn bind(
         key: ClusterKey,
@@ -315,23 +313,15 @@ impl Heartbeats {
             module_id,
             last_warned: Mutex::new([None; Reason::COUNT]),
         });
-        let (tx, queue) = mpsc::channel(RECV_QUEUE_DATAGRAMS_MAX);
-        let readers = lans
+        let inbound = lans
             .iter()
-            .zip(&sockets)
             .enumerate()
-            .map(|(index, (lan, socket))| {
-                let reader = Reader {
-                    index,
-                    lan: lan.clone(),
-                    socket: Arc::clone(socket),
-                    key: key.clone(),
-                    peer_node: 1 - node_index,
-                    module_id,
-                    shared: Arc::clone(&shared),
-                    tx: tx.clone(),
-                };
-                tokio::spawn(reader.run())
+            .map(|(index, lan)| Inbound {
+                index,
+                lan: lan.clone(),
+                key: key.clone(),
+                peer_node: 1 - node_index,
+                module_id,
             })
             .collect();
         let freshness = Freshness::new(lans.len());
@@ -343,8 +333,9 @@ impl Heartbeats {
             lans,
             sockets,
             seq: AtomicU64::new(0),
-            queue,
-            readers,
+            inbound,
+            buf: vec![0u8; DATAGRAM_BYTES_MAX + 1],
+            next_socket: 0,
             shared,
             freshness,
             newest: None,
@@ -373,9 +364,9 @@ impl Heartbeats {
     /// came on. Everything else is dropped and counted. Cancel-safe.
     pub async fn recv(&mut self) -> (usize, PeerStatus) {
         loop {
-            let Some(got) = self.queue.recv().await else {
-                // Readers never stop while `self` lives; if they did, no heartbeat comes.
-                return std::future::pending().await;
+            let (lan, len, from) = std::future::poll_fn(|cx| self.poll_sockets(cx)).await;
+            let Some(got) = self.inbound[lan].accept(&self.buf[..len], from, &self.shared) else {
+                continue;
             };
             match self.freshness.admit(got.lan, &got.header) {
                 Ok(()) => {
@@ -400,6 +391,30 @@ impl Heartbeats {
         }
     }
 
+    /// The first socket with a datagram waiting: (lan index, length in `buf`, sender).
+    fn poll_sockets(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<(usize, usize, SocketAddr)> {
+        let count = self.sockets.len();
+        for k in 0..count {
+            let i = (self.next_socket + k) % count;
+            let mut read = ReadBuf::new(&mut self.buf);
+            match self.sockets[i].poll_recv_from(cx, &mut read) {
+                std::task::Poll::Ready(Ok(from)) => {
+                    self.next_socket = (i + 1) % count;
+                    return std::task::Poll::Ready((i, read.filled().len(), from));
+                }
+                std::task::Poll::Ready(Err(e)) => {
+                    // An ICMP error reported on the socket, for instance: count it and go on.
+                    self.shared.counters.recv_errors.fetch_add(1, Ordering::Relaxed);
+                    debug!(module_id = self.module_id, lan = %self.lans[i].name, "cannot receive a heartbeat: {e}");
+                    // Poll again soon: the error did not register this task for the socket.
+                    cx.waker().wake_by_ref();
+                }
+                std::task::Poll::Pending => {}
+            }
+        }
+        std::task::Poll::Pending
+    }
+
     pub fn counters(&self) -> Arc<RejectCounters> {
         Arc::clone(&self.shared.counters)
     }
@@ -407,14 +422,6 @@ impl Heartbeats {
     /// The bound address of each lan's socket, in lan order.
     pub fn local_addrs(&self) -> io::Result<Vec<SocketAddr>> {
         self.sockets.iter().map(|s| s.local_addr()).collect()
-    }
-}
-
-impl Drop for Heartbeats {
-    fn drop(&mut self) {
-        for reader in &self.readers {
-            reader.abort();
-        }
     }
 }
 
@@ -430,60 +437,43 @@ fn bind_socket(lan: &HeartbeatLan) -> io::Result<UdpSocket> {
 }
 
 /// The task reading one lan's socket.
-struct Reader {
+/// What one lan's socket accepts: checks a datagram and says why it is dropped.
+struct Inbound {
     index: usize,
     lan: HeartbeatLan,
-    socket: Arc<UdpSocket>,
     key: ClusterKey,
     peer_node: u8,
     module_id: u16,
-    shared: Arc<Shared>,
-    tx: mpsc::Sender<Authenticated>,
 }
 
-impl Reader {
-    async fn run(self) {
-        // One byte more than the largest heartbeat, so that a larger datagram shows as such.
-        let mut buf = vec![0u8; DATAGRAM_BYTES_MAX + 1];
-        loop {
-            let (len, from) = match self.socket.recv_from(&mut buf).await {
-                Ok(got) => got,
-                Err(e) => {
-                    self.shared.counters.recv_errors.fetch_add(1, Ordering::Relaxed);
-                    debug!(module_id = self.module_id, lan = %self.lan.name, "cannot receive a heartbeat: {e}");
-                    tokio::time::sleep(RECV_ERROR_BACKOFF).await;
-                    continue;
-                }
-            };
-            // The tag is checked before the sender, so a peer with another key is reported as such.
-            let (header, status) = match wire::decode(&self.key, &buf[..len]) {
-                Ok(decoded) => decoded,
-                Err(e) => {
-                    self.shared.reject(Reason::of(&e), &self.lan.name, from, &e);
-                    continue;
-                }
-            };
-            if from != self.lan.peer || header.node != self.peer_node {
-                let why = format_args!(
-                    "it comes from {from} with node index {}, but the peer on this lan is {} with node index {}",
-                    header.node, self.lan.peer, self.peer_node
-                );
-                self.shared.reject(Reason::WrongSender, &self.lan.name, from, &why);
-                continue;
+impl Inbound {
+    /// The authenticated heartbeat in `datagram`, or `None` (dropped and counted).
+    fn accept(&self, datagram: &[u8], from: SocketAddr, shared: &Shared) -> Option<Authenticated> {
+        // The tag is checked before the sender, so a peer with another key is reported as such.
+        let (header, status) = match wire::decode(&self.key, datagram) {
+            Ok(decoded) => decoded,
+            Err(e) => {
+                shared.reject(Reason::of(&e), &self.lan.name, from, &e);
+                return None;
             }
-            if header.module_id != self.module_id {
-                let why = format_args!(
-                    "it is for module id {}, but this port belongs to module id {}",
-                    header.module_id, self.module_id
-                );
-                self.shared.reject(Reason::WrongModule, &self.lan.name, from, &why);
-                continue;
-            }
-            let got = Authenticated { lan: self.index, from, header, status };
-            if self.tx.send(got).await.is_err() {
-                return; // Heartbeats was dropped.
-            }
+        };
+        if from != self.lan.peer || header.node != self.peer_node {
+            let why = format_args!(
+                "it comes from {from} with node index {}, but the peer on this lan is {} with node index {}",
+                header.node, self.lan.peer, self.peer_node
+            );
+            shared.reject(Reason::WrongSender, &self.lan.name, from, &why);
+            return None;
         }
+        if header.module_id != self.module_id {
+            let why = format_args!(
+                "it is for module id {}, but this port belongs to module id {}",
+                header.module_id, self.module_id
+            );
+            shared.reject(Reason::WrongModule, &self.lan.name, from, &why);
+            return None;
+        }
+        Some(Authenticated { lan: self.index, from, header, status })
     }
 }
 
