@@ -330,7 +330,7 @@ fn reload_after(ctx: &Ctx, installed: Option<&str>) -> Result<i32, Failure> {
         Ok(r) => r,
         Err(ClientError::Unreachable(at)) => {
             if installed.is_some() {
-                println!("no hamirror daemon answers at {at}: the daemon loads the module when it starts");
+                eprintln!("no hamirror daemon answers at {at}: the daemon loads the module when it starts");
             }
             return Ok(0);
         }
