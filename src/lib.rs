@@ -9,6 +9,7 @@
 //!   user scripts, checkers, persisted state, logs.
 //! - [`api`]: the admin HTTP API (Unix socket and TCP) and the health-check URL.
 //! - [`cli`]: the client commands.
+//! - [`replication`]: mountover, sync protocol, dirty-zone maps, resync (being built).
 //! - [`paths`]: where files live.
 
 pub mod api;
@@ -19,3 +20,4 @@ pub mod daemon;
 pub mod module;
 pub mod paths;
 pub mod quorum;
+pub mod replication;

@@ -1,0 +1,100 @@
+//! Replication of the module's directories (issue 3, being built): the FUSE mountover that
+//! turns every change into an [`Op`], the sync protocol that ships ops to the peer, the
+//! receiver that applies them, dirty-zone maps and resync.
+//!
+//! An [`Op`] is plain data: the mountover never talks to the network; it hands ops to an
+//! [`OpSink`] and, at a sync point (fsync, O_SYNC/O_DIRECT write, flush on close), waits until
+//! the sink says every op before it is durable where the mode requires.
+
+use serde::{Deserialize, Serialize};
+use std::io;
+
+/// A path inside one replicated directory: the index of the `<replicated>` entry and a
+/// relative path of normal components joined by `/` (`""` is the directory itself). Built
+/// only through [`RelPath::new`], so it never holds `..`, `.`, an empty component, a NUL or a
+/// leading `/`: the receiver can join it under its root without escaping.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RelPath {
+    dir: u16,
+    path: String,
+}
+
+/// Longest relative path accepted (Linux PATH_MAX).
+pub const REL_PATH_BYTES_MAX: usize = 4096;
+
+impl RelPath {
+    /// Checks `path` (relative, `/`-separated) and builds the value; `None` when it could
+    /// escape or is not a plain path.
+    pub fn new(dir: u16, path: &str) -> Option<RelPath> {
+        if path.len() > REL_PATH_BYTES_MAX || path.starts_with('/') || path.contains('\0') {
+            return None;
+        }
+        if !path.is_empty() && path.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+            return None;
+        }
+        Some(RelPath { dir, path: path.to_string() })
+    }
+    pub fn dir(&self) -> u16 {
+        self.dir
+    }
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+    /// `name` inside this directory path.
+    pub fn join(&self, name: &str) -> Option<RelPath> {
+        if name.contains('/') {
+            return None;
+        }
+        let joined = if self.path.is_empty() { name.to_string() } else { format!("{}/{name}", self.path) };
+        RelPath::new(self.dir, &joined)
+    }
+}
+
+/// Seconds and nanoseconds since the Unix epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timestamp {
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+/// One change to a replicated directory, as the primary made it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    Write { file: RelPath, offset: u64, data: Vec<u8> },
+    Truncate { file: RelPath, size: u64 },
+    /// `fallocate(2)` with its mode bits (allocate, punch hole, zero range, keep size).
+    Fallocate { file: RelPath, mode: i32, offset: u64, len: u64 },
+    Create { file: RelPath, mode: u32 },
+    Mkdir { dir: RelPath, mode: u32 },
+    /// A FIFO, socket or device node (`mknod(2)`).
+    Mknod { node: RelPath, mode: u32, rdev: u64 },
+    Symlink { link: RelPath, target: String },
+    Link { existing: RelPath, new: RelPath },
+    Unlink { file: RelPath },
+    Rmdir { dir: RelPath },
+    /// `renameat2(2)` with its flags (RENAME_NOREPLACE, RENAME_EXCHANGE).
+    Rename { from: RelPath, to: RelPath, flags: u32 },
+    SetAttr {
+        path: RelPath,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        atime: Option<Timestamp>,
+        mtime: Option<Timestamp>,
+    },
+    SetXattr { path: RelPath, name: String, value: Vec<u8>, flags: i32 },
+    RemoveXattr { path: RelPath, name: String },
+    /// Make everything before it durable on the peer (fsync of `file`, or of all with `None`).
+    Fsync { file: Option<RelPath>, datasync: bool },
+}
+
+/// Where the mountover hands its ops, in the order the operations happened.
+pub trait OpSink: Send + Sync {
+    /// Queues `op` (after the local change succeeded) and returns its sequence number.
+    fn submit(&self, op: Op) -> u64;
+    /// Returns once every op up to `seq` is durable as the sync mode requires (`sync`: on
+    /// the peer's disk; `async`: locally, within the lag bound), or the peer was declared
+    /// absent and the ops were recorded in the dirty-zone maps. An error only when even the
+    /// local record failed: the application sees EIO.
+    fn wait_durable(&self, seq: u64) -> io::Result<()>;
+}
