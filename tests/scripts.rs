@@ -219,7 +219,12 @@ async fn mirror_template_starts_and_stops_the_application() {
     let out = run_script(&f.paths, &f.env, State::Wait, Script::StartPrim, &limits).await;
     assert_eq!(out, ScriptOutcome::Ok, "{}", user_log(&f.paths));
     let pid_file = f.paths.module_state_dir("web01").join("app.pid");
-    let pid: i32 = wait_for_file(&pid_file).trim().parse().unwrap();
+    // app.pid: "PGID BOOT_ID STARTTIME".
+    let record = wait_for_file(&pid_file);
+    let fields: Vec<&str> = record.split_whitespace().collect();
+    assert_eq!(fields.len(), 3, "app.pid: {record}");
+    let pid: i32 = fields[0].parse().unwrap();
+    assert_eq!(fields[1], fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap().trim());
     assert!(pid_alive(pid));
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let after_name = &stat[stat.rfind(')').unwrap() + 2..];
@@ -230,4 +235,40 @@ async fn mirror_template_starts_and_stops_the_application() {
     assert_eq!(out, ScriptOutcome::Ok, "{}", user_log(&f.paths));
     assert!(!pid_alive(pid), "the application still runs");
     assert!(!pid_file.exists());
+}
+
+// Proves the template's stop_prim never signals a process group recorded before a reboot
+// (its id may belong to an unrelated process now).
+#[tokio::test]
+async fn mirror_template_ignores_a_pid_file_from_before_a_reboot() {
+    let f = fixture();
+    let template = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("app-modules/mirror/bin");
+    fs::copy(template.join("stop_prim"), f.paths.script("web01", "stop_prim")).unwrap();
+    // A live process of ours stands for "an unrelated process that got the recorded id".
+    let mut bystander = std::process::Command::new("setsid").args(["sleep", "60"]).spawn().unwrap();
+    let pid = bystander.id();
+    wait_until_leads_group(pid);
+    let pid_file = f.paths.module_state_dir("web01").join("app.pid");
+    fs::create_dir_all(pid_file.parent().unwrap()).unwrap();
+    fs::write(&pid_file, format!("{pid} 00000000-0000-0000-0000-000000000000 1\n")).unwrap();
+    let out = run_script(&f.paths, &f.env, State::Prim, Script::StopPrim, &quick()).await;
+    assert_eq!(out, ScriptOutcome::Ok, "{}", user_log(&f.paths));
+    assert!(pid_alive(pid as i32), "stop_prim signalled a process group from before a reboot");
+    assert!(!pid_file.exists());
+    let _ = bystander.kill();
+    let _ = bystander.wait();
+}
+
+/// Waits until `pid` leads its own process group (setsid has run).
+fn wait_until_leads_group(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let pgid = stat.rfind(')').and_then(|i| stat[i + 2..].split(' ').nth(2).map(str::to_string));
+        if pgid.as_deref() == Some(&pid.to_string()) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "setsid did not make {pid} a group leader");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

@@ -189,7 +189,7 @@ impl Supervisor {
     }
 
     /// After a stall (the host was frozen, suspended or starved), the heartbeats the peer sent
-    /// meanwhile wait in the sockets and the readers' queue, while the timers are overdue.
+    /// meanwhile wait in the sockets, while the timers are overdue.
     /// Hands those heartbeats to the machine first, so that it judges the peer on what the
     /// peer said during the stall rather than on a silence that never happened: otherwise a
     /// thawed primary could time its peer out, start a new generation and win the split

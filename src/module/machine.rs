@@ -442,6 +442,13 @@ impl Module {
                             let peer = self.peer_name().to_string();
                             return Err(self.refuse("prim", format!("{peer} is primary; use swap")));
                         }
+                        if self.peer_visible() && self.peer_state().is_some_and(State::is_primary) {
+                            let peer = self.peer_name().to_string();
+                            return Err(self.refuse(
+                                "prim",
+                                format!("{peer} is still stopping its application; try again once it has stopped"),
+                            ));
+                        }
                         let rel = self.relation_to_peer();
                         let known_stale = self.p.stale
                             || (self.state == State::Second && !self.in_sync)
@@ -796,8 +803,13 @@ impl Module {
             self.set_wait_reason(WaitReason::StaleData);
             return;
         }
-        if peer.state == State::Stop {
+        if peer.state == State::Stop && peer.transition.is_none() {
             self.become_primary(now, false);
+            return;
+        }
+        if peer.state == State::Stop {
+            // Its boot-time stop_prim runs: its application may still be running.
+            self.set_wait_reason(WaitReason::PeerPrimary);
             return;
         }
         let peer_ok = peer.eligible || (peer.state == State::Second && peer.in_sync);
@@ -892,6 +904,11 @@ impl Module {
         }
         if peer.state.is_primary() {
             // Its stop scripts run (a swap or a stop): wait for them, however long they take.
+            self.orphan_deadline = None;
+            return;
+        }
+        if peer.state == State::Stop && peer.transition.is_some() {
+            // Its boot-time stop_prim runs: wait for it.
             self.orphan_deadline = None;
             return;
         }
