@@ -551,11 +551,16 @@ fn with_a_witness_only_the_node_that_reaches_it_becomes_primary() {
     assert_eq!(pair.snap(0).wait_reason, Some(WaitReason::WitnessUnreachable));
     assert_eq!(pair.scripts_since(0, cut_at), [Script::StopPrim]);
     assert_eq!(pair.scripts_since(1, cut_at), [Script::StopSecond, Script::StartPrim]);
-    // n0 asked the witness before stopping.
-    assert!(pair
-        .states_since(0, cut_at)
+    // n0 asked the witness before its heartbeat timeout expired, and stopped right at it.
+    let asked = pair.nodes[0]
+        .actions
         .iter()
-        .any(|s| (s.0, s.1) == (State::Prim, Some(Transition::CheckingWitness))));
+        .find(|(t, a)| *t >= cut_at && matches!(a, Action::CheckWitness))
+        .map(|(t, _)| *t - cut_at)
+        .expect("n0 asked the witness");
+    assert!(asked < TIMEOUT - PULSE, "n0 asked the witness {asked:?} after the cut");
+    let stopped = pair.last_run(0, Script::StopPrim) - cut_at;
+    assert!(stopped <= TIMEOUT + ms(10), "n0 began stop_prim {stopped:?} after the cut");
     // n0 stopped its application before n1 started its own.
     assert!(pair.last_run(0, Script::StopPrim) <= pair.last_run(1, Script::StartPrim));
     // n1 keeps reaching the witness: it stays ALONE.

@@ -14,8 +14,9 @@ use crate::config::{CheckAction, DefaultPrim};
 /// How much later than its deadline a heartbeat timeout may fire before the machine concludes
 /// that this host was frozen or stalled, and gives the peer one more timeout to speak before
 /// acting on the silence (a thawed primary must learn that the peer took over, not fail over).
-/// After the witness approved a takeover, the time left beyond the witness timeout and one
-/// pulse for a primary that cannot reach the witness to run its stop script.
+/// After the witness approved a takeover, the time left beyond one pulse (the difference
+/// between the two nodes' timeouts) for a primary that cannot reach the witness to run its
+/// stop script. That primary asked the witness early, so it knows at its own timeout.
 const FENCE_MARGIN: Duration = Duration::from_millis(200);
 
 fn freeze_slack(timeout: Duration, pulse: Duration) -> Duration {
@@ -101,6 +102,17 @@ enum WitnessFor {
     Recheck,
 }
 
+/// The early witness question of a primary whose heartbeats have gone quiet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EarlyWitness {
+    None,
+    /// Asked; the answer belongs to the current silence.
+    Pending,
+    /// Asked, but the peer spoke since: the answer is thrown away when it comes.
+    Obsolete,
+    Answered(bool),
+}
+
 /// Who the admin asked this node to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Intent {
@@ -137,6 +149,10 @@ pub struct Module {
     orphan_deadline: Option<Instant>,
     /// `stopstart`: when to start again at the latest.
     restart_deadline: Option<Instant>,
+    /// A primary whose heartbeats have gone quiet asks the witness before its timeout expires,
+    /// so that it knows at the timeout itself whether to go on or stop: `Pending` while the
+    /// question is out, then the answer, valid until the peer speaks again.
+    early_witness: EarlyWitness,
     /// The witness approved a takeover: it happens at this time unless the peer speaks first,
     /// leaving a primary that cannot reach the witness the time to stop its application.
     fence_deadline: Option<Instant>,
@@ -182,6 +198,7 @@ impl Module {
             orphan_deadline: None,
             restart_deadline: None,
             admin_primary: false,
+            early_witness: EarlyWitness::None,
             fence_deadline: None,
             witness_recheck: None,
             stop_requested: false,
@@ -298,6 +315,10 @@ impl Module {
                 self.leave_second_for_wait(now);
             }
         }
+        if self.early_witness_time().is_some_and(|t| t <= now) && self.peer_visible() {
+            self.early_witness = EarlyWitness::Pending;
+            self.actions.push_back(Action::CheckWitness);
+        }
         if self.fence_deadline.is_some_and(|t| t <= now) {
             self.fence_deadline = None;
             self.transition = None;
@@ -328,6 +349,7 @@ impl Module {
             self.restart_deadline,
             self.witness_recheck,
             self.fence_deadline,
+            self.early_witness_time().filter(|_| self.peer_visible()),
         ]
         .into_iter()
         .chain(self.lan_deadline.iter().copied())
@@ -518,6 +540,10 @@ impl Module {
         let was_up = self.lan_deadline[lan].is_some();
         self.lan_deadline[lan] = Some(now + self.params.timeout);
         self.freeze_grace_used = false;
+        self.early_witness = match self.early_witness {
+            EarlyWitness::Pending | EarlyWitness::Obsolete => EarlyWitness::Obsolete,
+            EarlyWitness::None | EarlyWitness::Answered(_) => EarlyWitness::None,
+        };
         if !was_up {
             let name = self.params.lans[lan].clone();
             if was_visible {
@@ -543,6 +569,10 @@ impl Module {
 
     fn on_witness(&mut self, now: Instant, reachable: bool) {
         let Some(purpose) = self.witness.take() else {
+            self.early_witness = match self.early_witness {
+                EarlyWitness::Pending => EarlyWitness::Answered(reachable),
+                _ => EarlyWitness::None,
+            };
             return;
         };
         if self.run.is_some() {
@@ -569,7 +599,7 @@ impl Module {
                 self.begin(now, &[Script::StopPrim], Goal::Wait(WaitReason::WitnessUnreachable));
             }
             (WitnessFor::TakeOver, true) => {
-                let fence = self.params.witness_timeout + self.params.pulse + FENCE_MARGIN;
+                let fence = self.params.pulse + FENCE_MARGIN;
                 self.log(
                     LogLevel::Info,
                     format!(
@@ -1114,12 +1144,45 @@ impl Module {
         self.state = State::Alone;
     }
 
-    fn primary_lost_peer(&mut self, _now: Instant) {
-        if self.params.witness_configured {
-            self.ask_witness(WitnessFor::PrimaryLostPeer);
-        } else {
+    fn primary_lost_peer(&mut self, now: Instant) {
+        if !self.params.witness_configured {
             self.primary_without_peer();
+            return;
         }
+        match std::mem::replace(&mut self.early_witness, EarlyWitness::None) {
+            EarlyWitness::Answered(true) => {
+                self.log(LogLevel::Warn, "every heartbeat is lost; the witness answered (asked before the timeout)");
+                self.primary_without_peer();
+            }
+            EarlyWitness::Answered(false) => {
+                self.log(LogLevel::Warn, "every heartbeat is lost and no witness answered (asked before the timeout)");
+                self.log(LogLevel::Warn, "no witness answers: stopping the application to avoid two primaries");
+                self.actions.push_back(Action::Checkers(false));
+                self.begin(now, &[Script::StopPrim], Goal::Wait(WaitReason::WitnessUnreachable));
+            }
+            EarlyWitness::Pending => {
+                // The answer is on its way: it now decides as the loss question.
+                self.log(LogLevel::Warn, "every heartbeat is lost: waiting for the witness's answer");
+                self.witness = Some(WitnessFor::PrimaryLostPeer);
+                self.transition = Some(Transition::CheckingWitness);
+            }
+            EarlyWitness::Obsolete | EarlyWitness::None => self.ask_witness(WitnessFor::PrimaryLostPeer),
+        }
+    }
+
+    /// When a primary whose heartbeats went quiet asks the witness: one witness timeout before
+    /// the last lan times out.
+    fn early_witness_time(&self) -> Option<Instant> {
+        if !self.params.witness_configured
+            || !self.state.is_primary()
+            || self.early_witness != EarlyWitness::None
+            || self.witness.is_some()
+            || self.run.is_some()
+        {
+            return None;
+        }
+        let last = self.lan_deadline.iter().flatten().max()?;
+        Some(last.checked_sub(self.params.witness_timeout).unwrap_or(*last))
     }
 
     fn second_lost_peer(&mut self, now: Instant) {
