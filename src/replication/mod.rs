@@ -6,6 +6,10 @@
 //! [`OpSink`] and, at a sync point (fsync, O_SYNC/O_DIRECT write, flush on close), waits until
 //! the sink says every op before it is durable where the mode requires.
 
+pub mod dirty;
+pub mod qcow2;
+pub mod resync;
+
 use serde::{Deserialize, Serialize};
 use std::io;
 
