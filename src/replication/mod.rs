@@ -6,9 +6,12 @@
 //! [`OpSink`] and, at a sync point (fsync, O_SYNC/O_DIRECT write, flush on close), waits until
 //! the sink says every op before it is durable where the mode requires.
 
+pub mod channel;
 pub mod dirty;
 pub mod qcow2;
+pub mod receiver;
 pub mod resync;
+pub mod sender;
 
 use serde::{Deserialize, Serialize};
 use std::io;
