@@ -126,7 +126,7 @@ fn module_install_template_assigns_names_and_ids() {
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
     assert!(out.contains("installed module web01 (id 1)"), "{out}");
-    assert!(out.contains("when it starts"), "{out}");
+    assert!(stderr(&o).contains("when it starts"), "{}", stderr(&o));
     let paths = node.paths();
     let config = fs::read_to_string(paths.userconfig("web01")).unwrap();
     assert!(config.contains(r#"<module name="web01" mode="mirror" id="1">"#), "{config}");

@@ -67,20 +67,56 @@ pub struct Timestamp {
 /// One change to a replicated directory, as the primary made it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
-    Write { file: RelPath, offset: u64, data: Vec<u8> },
-    Truncate { file: RelPath, size: u64 },
+    Write {
+        file: RelPath,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    Truncate {
+        file: RelPath,
+        size: u64,
+    },
     /// `fallocate(2)` with its mode bits (allocate, punch hole, zero range, keep size).
-    Fallocate { file: RelPath, mode: i32, offset: u64, len: u64 },
-    Create { file: RelPath, mode: u32 },
-    Mkdir { dir: RelPath, mode: u32 },
+    Fallocate {
+        file: RelPath,
+        mode: i32,
+        offset: u64,
+        len: u64,
+    },
+    Create {
+        file: RelPath,
+        mode: u32,
+    },
+    Mkdir {
+        dir: RelPath,
+        mode: u32,
+    },
     /// A FIFO, socket or device node (`mknod(2)`).
-    Mknod { node: RelPath, mode: u32, rdev: u64 },
-    Symlink { link: RelPath, target: String },
-    Link { existing: RelPath, new: RelPath },
-    Unlink { file: RelPath },
-    Rmdir { dir: RelPath },
+    Mknod {
+        node: RelPath,
+        mode: u32,
+        rdev: u64,
+    },
+    Symlink {
+        link: RelPath,
+        target: String,
+    },
+    Link {
+        existing: RelPath,
+        new: RelPath,
+    },
+    Unlink {
+        file: RelPath,
+    },
+    Rmdir {
+        dir: RelPath,
+    },
     /// `renameat2(2)` with its flags (RENAME_NOREPLACE, RENAME_EXCHANGE).
-    Rename { from: RelPath, to: RelPath, flags: u32 },
+    Rename {
+        from: RelPath,
+        to: RelPath,
+        flags: u32,
+    },
     SetAttr {
         path: RelPath,
         mode: Option<u32>,
@@ -89,10 +125,21 @@ pub enum Op {
         atime: Option<Timestamp>,
         mtime: Option<Timestamp>,
     },
-    SetXattr { path: RelPath, name: String, value: Vec<u8>, flags: i32 },
-    RemoveXattr { path: RelPath, name: String },
+    SetXattr {
+        path: RelPath,
+        name: String,
+        value: Vec<u8>,
+        flags: i32,
+    },
+    RemoveXattr {
+        path: RelPath,
+        name: String,
+    },
     /// Make everything before it durable on the peer (fsync of `file`, or of all with `None`).
-    Fsync { file: Option<RelPath>, datasync: bool },
+    Fsync {
+        file: Option<RelPath>,
+        datasync: bool,
+    },
 }
 
 /// Where the mountover hands its ops, in the order the operations happened.
