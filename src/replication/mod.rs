@@ -8,6 +8,7 @@
 
 pub mod channel;
 pub mod dirty;
+pub mod mountover;
 pub mod qcow2;
 pub mod receiver;
 pub mod resync;
