@@ -7,6 +7,14 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+/// The owner this test creates files with (the mountover and the receiver ship and apply it).
+fn uid() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
+fn gid() -> u32 {
+    nix::unistd::getegid().as_raw()
+}
+
 const MIB: u64 = 1 << 20;
 
 fn rel(s: &str) -> RelPath {
@@ -29,10 +37,10 @@ fn marks_survive_reopen() {
         let maps = DirtyMaps::open(dir.path(), MIB).unwrap();
         maps.mark(&write("vm.img", 0, 4096)).unwrap();
         maps.mark(&write("vm.img", 5 * MIB + 10, 2 * MIB as usize)).unwrap();
-        maps.mark(&Op::Create { file: rel("new"), mode: 0o644 }).unwrap();
+        maps.mark(&Op::Create { file: rel("new"), mode: 0o644, uid: uid(), gid: gid() }).unwrap();
         maps.mark(&write("new", 0, 100)).unwrap();
         maps.mark(&Op::Link { existing: rel("new"), new: rel("other") }).unwrap();
-        maps.mark(&Op::Mkdir { dir: rel("d"), mode: 0o755 }).unwrap();
+        maps.mark(&Op::Mkdir { dir: rel("d"), mode: 0o755, uid: uid(), gid: gid() }).unwrap();
         let s = maps.snapshot();
         assert_eq!(s.files.get(&rel("vm.img")), Some(&DirtyFile::Zones(vec![0, 5, 6, 7])));
         assert_eq!(s.files.get(&rel("other")), Some(&DirtyFile::Whole));
@@ -295,7 +303,7 @@ fn memory_bounds_coarsen_and_never_forget() {
     assert!(maps.is_clean());
 
     for i in 0..6 {
-        maps.mark(&Op::Mkdir { dir: rel(&format!("d{i}")), mode: 0o755 }).unwrap();
+        maps.mark(&Op::Mkdir { dir: rel(&format!("d{i}")), mode: 0o755, uid: uid(), gid: gid() }).unwrap();
     }
     assert!(maps.snapshot().full, "six namespace ops exceed the bound of five");
 }

@@ -16,6 +16,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
+/// The owner this test creates files with (the mountover and the receiver ship and apply it).
+fn uid() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
+fn gid() -> u32 {
+    nix::unistd::getegid().as_raw()
+}
+
 /// Collects the ops and the sync points; `fail` makes every sync point fail.
 #[derive(Default)]
 struct RecordingSink {
@@ -197,14 +205,22 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 // symlink, link, rename, unlink, mknod, rmdir.
 #[test]
 fn each_change_gives_one_op_with_the_relative_path() {
-    let Some(fx) = Fixture::new(MountMode::ReadWrite, &[], |_| {}) else { return };
+    // Open to other users, for the creations by a non-root user at the end.
+    let open_up = |dir: &Path| {
+        fs::set_permissions(dir.parent().unwrap(), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o777)).unwrap();
+    };
+    let Some(fx) = Fixture::new(MountMode::ReadWrite, &[], open_up) else { return };
     let sink = &fx.sink;
 
     fs::write(fx.path("a"), b"hello").unwrap();
     let mode = fs::metadata(fx.real("a")).unwrap().mode() & 0o7777;
     assert_eq!(
         sink.take(),
-        vec![Op::Create { file: rp("a"), mode }, Op::Write { file: rp("a"), offset: 0, data: b"hello".to_vec() }]
+        vec![
+            Op::Create { file: rp("a"), mode, uid: uid(), gid: gid() },
+            Op::Write { file: rp("a"), offset: 0, data: b"hello".to_vec() }
+        ]
     );
 
     OpenOptions::new().write(true).open(fx.path("a")).unwrap().set_len(2).unwrap();
@@ -243,12 +259,12 @@ fn each_change_gives_one_op_with_the_relative_path() {
     assert_eq!(
         sink.take(),
         vec![
-            Op::Mkdir { dir: rp("d"), mode: dmode },
-            Op::Symlink { link: rp("d/l"), target: "../a".into() },
+            Op::Mkdir { dir: rp("d"), mode: dmode, uid: uid(), gid: gid() },
+            Op::Symlink { link: rp("d/l"), target: "../a".into(), uid: uid(), gid: gid() },
             Op::Link { existing: rp("a"), new: rp("d/h") },
             Op::Rename { from: rp("a"), to: rp("d/b"), flags: 0 },
             Op::Unlink { file: rp("d/h") },
-            Op::Mknod { node: rp("d/f"), mode: libc::S_IFIFO | 0o600, rdev: 0 },
+            Op::Mknod { node: rp("d/f"), mode: libc::S_IFIFO | 0o600, rdev: 0, uid: uid(), gid: gid() },
         ]
     );
 
@@ -270,6 +286,52 @@ fn each_change_gives_one_op_with_the_relative_path() {
         ]
     );
     assert!(fs::read_dir(fx.real("")).unwrap().next().is_none());
+
+    // Entries created by a non-root user carry that owner, and the receiver gives it to its
+    // copies.
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("user nobody");
+    let (n_uid, n_gid) = (nobody.uid.as_raw(), nobody.gid.as_raw());
+    let script = "touch file && mkdir dir && ln -s file link && mkfifo fifo";
+    let runuser = std::process::Command::new("runuser")
+        .args(["-u", "nobody", "--", "sh", "-c", script])
+        .current_dir(fx.path(""))
+        .status();
+    let status = match runuser {
+        Ok(status) => status,
+        Err(_) => std::process::Command::new("setpriv")
+            .arg(format!("--reuid={n_uid}"))
+            .arg(format!("--regid={n_gid}"))
+            .args(["--clear-groups", "sh", "-c", script])
+            .current_dir(fx.path(""))
+            .status()
+            .unwrap(),
+    };
+    assert!(status.success(), "creating as nobody failed: {status}");
+    let ops = sink.take();
+    let created: Vec<(RelPath, u32, u32)> = ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::Create { file: p, uid, gid, .. }
+            | Op::Mkdir { dir: p, uid, gid, .. }
+            | Op::Mknod { node: p, uid, gid, .. }
+            | Op::Symlink { link: p, uid, gid, .. } => Some((p.clone(), *uid, *gid)),
+            _ => None,
+        })
+        .collect();
+    let names = ["file", "dir", "link", "fifo"];
+    assert_eq!(created, names.iter().map(|n| (rp(n), n_uid, n_gid)).collect::<Vec<_>>(), "{ops:?}");
+    let peer = tempfile::tempdir().unwrap();
+    let mut receiver = hamirror::replication::receiver::Receiver::new(vec![peer.path().to_path_buf()]).unwrap();
+    for op in &ops {
+        receiver.apply(op).unwrap();
+    }
+    for name in names {
+        let copy = fs::symlink_metadata(peer.path().join(name)).unwrap();
+        let real = fs::symlink_metadata(fx.real(name)).unwrap();
+        assert_eq!((copy.uid(), copy.gid()), (n_uid, n_gid), "{name} on the receiver");
+        assert_eq!((real.uid(), real.gid()), (n_uid, n_gid), "{name} on the primary");
+        assert_eq!(copy.mode(), real.mode(), "{name}");
+    }
 }
 
 // The real directory holds exactly the bytes written through the mount, and replaying the
@@ -358,9 +420,9 @@ fn symlinks_pointing_out_are_links_and_the_server_never_follows_them() {
     assert_eq!(
         fx.sink.take(),
         vec![
-            Op::Symlink { link: rp("abs"), target: absolute.to_str().unwrap().into() },
-            Op::Symlink { link: rp("rel"), target: "../outside/secret".into() },
-            Op::Symlink { link: rp("etc"), target: "../../../../../../etc".into() },
+            Op::Symlink { link: rp("abs"), target: absolute.to_str().unwrap().into(), uid: uid(), gid: gid() },
+            Op::Symlink { link: rp("rel"), target: "../outside/secret".into(), uid: uid(), gid: gid() },
+            Op::Symlink { link: rp("etc"), target: "../../../../../../etc".into(), uid: uid(), gid: gid() },
         ]
     );
     assert!(fs::symlink_metadata(fx.real("abs")).unwrap().file_type().is_symlink());

@@ -15,6 +15,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
+/// The owner this test creates files with (the mountover and the receiver ship and apply it).
+fn uid() -> u32 {
+    nix::unistd::geteuid().as_raw()
+}
+fn gid() -> u32 {
+    nix::unistd::getegid().as_raw()
+}
+
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
 
@@ -203,24 +211,24 @@ fn incremental_replays_namespace_changes_in_order() {
     let maps = DirtyMaps::open(&pair.state, MIB).unwrap();
     let src = pair.source();
     let ops = vec![
-        Op::Create { file: rel("new.txt"), mode: 0o644 },
+        Op::Create { file: rel("new.txt"), mode: 0o644, uid: uid(), gid: gid() },
         Op::Write { file: rel("new.txt"), offset: 0, data: b"hello".to_vec() },
-        Op::Mkdir { dir: rel("d"), mode: 0o750 },
-        Op::Create { file: rel("d/f"), mode: 0o600 },
+        Op::Mkdir { dir: rel("d"), mode: 0o750, uid: uid(), gid: gid() },
+        Op::Create { file: rel("d/f"), mode: 0o600, uid: uid(), gid: gid() },
         Op::Write { file: rel("d/f"), offset: 2 * MIB, data: random(10 * KIB, 4) },
         Op::Rename { from: rel("keep.txt"), to: rel("d/kept.txt"), flags: 0 },
-        Op::Symlink { link: rel("ln"), target: "d/f".into() },
+        Op::Symlink { link: rel("ln"), target: "d/f".into(), uid: uid(), gid: gid() },
         Op::Link { existing: rel("d/f"), new: rel("hard") },
         Op::Unlink { file: rel("old.txt") },
         Op::SetAttr { path: rel("d/f"), mode: Some(0o640), uid: Some(1000), gid: Some(1001), atime: None, mtime: None },
         Op::SetXattr { path: rel("d/f"), name: "user.origin".into(), value: b"alone".to_vec(), flags: 0 },
-        Op::Mkdir { dir: rel("tmp"), mode: 0o755 },
+        Op::Mkdir { dir: rel("tmp"), mode: 0o755, uid: uid(), gid: gid() },
         Op::Rmdir { dir: rel("tmp") },
         Op::Truncate { file: rel("a/file"), size: 10 },
         Op::Write { file: rel("a/file"), offset: MIB, data: b"tail".to_vec() },
         Op::Rename { from: rel("olddir"), to: rel("newdir"), flags: 0 },
         Op::Write { file: rel("newdir/inside"), offset: 0, data: b"changed".to_vec() },
-        Op::Create { file: rel("gone"), mode: 0o644 },
+        Op::Create { file: rel("gone"), mode: 0o644, uid: uid(), gid: gid() },
         Op::Write { file: rel("gone"), offset: 0, data: b"x".to_vec() },
         Op::Unlink { file: rel("gone") },
     ];
@@ -250,7 +258,7 @@ fn a_replay_interrupted_by_a_crash_is_checked_by_checksums() {
     let maps = DirtyMaps::open(&pair.state, MIB).unwrap();
     let src = pair.source();
     change(&src, &maps, Op::Rename { from: rel("x"), to: rel("y"), flags: 0 });
-    change(&src, &maps, Op::Create { file: rel("x"), mode: 0o644 });
+    change(&src, &maps, Op::Create { file: rel("x"), mode: 0o644, uid: uid(), gid: gid() });
     // A first replay reached the peer, then the primary crashed before the maps forgot it.
     let mut peer = pair.peer();
     for op in &maps.snapshot().namespace {
@@ -495,7 +503,7 @@ fn overflowed_maps_fall_back_to_a_full_resync() {
     let maps = DirtyMaps::open_with_limits(&pair.state, MIB, limits).unwrap();
     let src = pair.source();
     change(&src, &maps, Op::Write { file: rel("a"), offset: 10, data: b"xyz".to_vec() });
-    change(&src, &maps, Op::Create { file: rel("b"), mode: 0o644 });
+    change(&src, &maps, Op::Create { file: rel("b"), mode: 0o644, uid: uid(), gid: gid() });
     change(&src, &maps, Op::Write { file: rel("b"), offset: 0, data: b"b".to_vec() });
     assert!(maps.snapshot().full);
     let stats = done(pair.incremental(&opts, &maps));
@@ -512,7 +520,7 @@ fn the_peer_refuses_paths_through_symlinks() {
     let outside = tempfile::tempdir().unwrap();
     std::os::unix::fs::symlink(outside.path(), pair.dst.join("esc")).unwrap();
     let mut peer = pair.peer();
-    let r = peer.apply(&Op::Create { file: rel("esc/x"), mode: 0o644 });
+    let r = peer.apply(&Op::Create { file: rel("esc/x"), mode: 0o644, uid: uid(), gid: gid() });
     assert!(r.is_err());
     assert!(!outside.path().join("x").exists());
     assert!(peer.stat(&rel("esc/x")).unwrap().is_none());

@@ -21,10 +21,33 @@ use std::io;
 /// relative path of normal components joined by `/` (`""` is the directory itself). Built
 /// only through [`RelPath::new`], so it never holds `..`, `.`, an empty component, a NUL or a
 /// leading `/`: the receiver can join it under its root without escaping.
+/// Decoding goes through [`RelPath::new`] (via [`RelPathWire`]), so a peer cannot send one
+/// that escapes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "RelPathWire")]
 pub struct RelPath {
     dir: u16,
     path: String,
+}
+
+/// The encoded form of a [`RelPath`] (same fields, same order), before its checks.
+#[derive(Deserialize)]
+struct RelPathWire {
+    dir: u16,
+    path: String,
+}
+
+impl TryFrom<RelPathWire> for RelPath {
+    type Error = String;
+    fn try_from(wire: RelPathWire) -> Result<RelPath, String> {
+        RelPath::new(wire.dir, &wire.path).ok_or_else(|| {
+            format!(
+                "invalid replicated path {:?} in directory {}: not a relative path of plain components \
+                 (no `..`, `.`, empty component, NUL or leading `/`, at most {REL_PATH_BYTES_MAX} bytes)",
+                wire.path, wire.dir
+            )
+        })
+    }
 }
 
 /// Longest relative path accepted (Linux PATH_MAX).
@@ -84,23 +107,32 @@ pub enum Op {
         offset: u64,
         len: u64,
     },
+    /// A new regular file; `uid`/`gid` are the owner it was created with on the primary.
     Create {
         file: RelPath,
         mode: u32,
+        uid: u32,
+        gid: u32,
     },
     Mkdir {
         dir: RelPath,
         mode: u32,
+        uid: u32,
+        gid: u32,
     },
     /// A FIFO, socket or device node (`mknod(2)`).
     Mknod {
         node: RelPath,
         mode: u32,
         rdev: u64,
+        uid: u32,
+        gid: u32,
     },
     Symlink {
         link: RelPath,
         target: String,
+        uid: u32,
+        gid: u32,
     },
     Link {
         existing: RelPath,
@@ -152,4 +184,34 @@ pub trait OpSink: Send + Sync {
     /// absent and the ops were recorded in the dirty-zone maps. An error only when even the
     /// local record failed: the application sees EIO.
     fn wait_durable(&self, seq: u64) -> io::Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Serialize)]
+    struct Wire<'a> {
+        dir: u16,
+        path: &'a str,
+    }
+
+    #[test]
+    fn decoded_rel_path_is_checked() {
+        let good = postcard::to_allocvec(&Wire { dir: 2, path: "a/b" }).unwrap();
+        assert_eq!(postcard::from_bytes::<RelPath>(&good).unwrap(), RelPath::new(2, "a/b").unwrap());
+        let same = postcard::to_allocvec(&RelPath::new(2, "a/b").unwrap()).unwrap();
+        assert_eq!(same, good);
+        for bad in ["../x", "a/../b", "/etc", "a//b", ".", "a\0b"] {
+            let bytes = postcard::to_allocvec(&Wire { dir: 0, path: bad }).unwrap();
+            assert!(postcard::from_bytes::<RelPath>(&bytes).is_err(), "{bad:?} decoded");
+        }
+        // Inside an op too: a valid Create whose path bytes are turned into "../x".
+        let op = Op::Create { file: RelPath::new(0, "zz/x").unwrap(), mode: 0o644, uid: 1, gid: 1 };
+        let mut bytes = postcard::to_allocvec(&op).unwrap();
+        let at = bytes.windows(4).position(|w| w == b"zz/x").unwrap();
+        bytes[at..at + 2].copy_from_slice(b"..");
+        let err = postcard::from_bytes::<Op>(&bytes).unwrap_err();
+        assert!(postcard::from_bytes::<Op>(&postcard::to_allocvec(&op).unwrap()).is_ok(), "{err}");
+    }
 }

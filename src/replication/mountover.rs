@@ -1132,9 +1132,20 @@ impl Fs {
         .map_err(os_err)?;
         let (st, inode) = self.adopt_new_entry(&parent, name, &cname, req, false)?;
         if file_type == libc::S_IFREG {
-            self.emit(Some(&inode), &target, |file| Op::Create { file, mode: st.st_mode & 0o7777 });
+            self.emit(Some(&inode), &target, |file| Op::Create {
+                file,
+                mode: st.st_mode & 0o7777,
+                uid: st.st_uid,
+                gid: st.st_gid,
+            });
         } else {
-            self.emit(Some(&inode), &target, |node| Op::Mknod { node, mode: st.st_mode, rdev: st.st_rdev });
+            self.emit(Some(&inode), &target, |node| Op::Mknod {
+                node,
+                mode: st.st_mode,
+                rdev: st.st_rdev,
+                uid: st.st_uid,
+                gid: st.st_gid,
+            });
         }
         drop(namespace);
         Ok((st, inode))
@@ -1149,7 +1160,12 @@ impl Fs {
         with_umask(self.create_umask(umask), || sys::mkdirat(parent.fd.as_fd(), &cname, mode & 0o7777))
             .map_err(os_err)?;
         let (st, inode) = self.adopt_new_entry(&parent, name, &cname, req, true)?;
-        self.emit(Some(&inode), &target, |dir| Op::Mkdir { dir, mode: st.st_mode & 0o7777 });
+        self.emit(Some(&inode), &target, |dir| Op::Mkdir {
+            dir,
+            mode: st.st_mode & 0o7777,
+            uid: st.st_uid,
+            gid: st.st_gid,
+        });
         drop(namespace);
         Ok((st, inode))
     }
@@ -1168,7 +1184,7 @@ impl Fs {
         sys::symlinkat(&target_c, parent.fd.as_fd(), &cname).map_err(os_err)?;
         let (st, inode) = self.adopt_new_entry(&parent, name, &cname, req, false)?;
         if let Some(text) = target_text {
-            self.emit(Some(&inode), &target, |link| Op::Symlink { link, target: text });
+            self.emit(Some(&inode), &target, |link| Op::Symlink { link, target: text, uid: st.st_uid, gid: st.st_gid });
         }
         drop(namespace);
         Ok((st, inode))
@@ -1346,7 +1362,12 @@ impl Fs {
             .map_err(|e| undo(os_err(e)))?;
         let st = sys::fstat(fd.as_fd()).map_err(os_err)?;
         let inode = self.remember(path_fd, &st, Some((&parent, name)));
-        let mark = self.emit(Some(&inode), &target, |file| Op::Create { file, mode: st.st_mode & 0o7777 });
+        let mark = self.emit(Some(&inode), &target, |file| Op::Create {
+            file,
+            mode: st.st_mode & 0o7777,
+            uid: st.st_uid,
+            gid: st.st_gid,
+        });
         drop(namespace);
         let real = if direct { real } else { real & !libc::O_DIRECT };
         let id = self.insert_file(inode.clone(), File::from(fd), real, direct, mark.unwrap_or(0));

@@ -261,8 +261,8 @@ impl Receiver {
                 })?;
                 self.mark(open.key, &open.file, false, shown);
             }
-            Op::Create { file, mode } => self.create(file, *mode)?,
-            Op::Mkdir { dir, mode } => {
+            Op::Create { file, mode, uid, gid } => self.create(file, *mode, *uid, *gid)?,
+            Op::Mkdir { dir, mode, uid, gid } => {
                 let t = self.resolve(dir)?;
                 let name = t.name()?;
                 let perm = mode & 0o7777;
@@ -275,6 +275,7 @@ impl Receiver {
                         return Err(ApplyError::Io { action: "create the directory", path: t.shown, source })
                     }
                 }
+                chown_at(&t, *uid, *gid)?;
                 // The umask applied by mkdir is undone: the copy gets the primary's mode.
                 chmod_at(&t, perm).map_err(|source| ApplyError::Io {
                     action: "set the mode of",
@@ -283,7 +284,7 @@ impl Receiver {
                 })?;
                 self.mark_dir(&t.parent, t.root, &t.shown);
             }
-            Op::Mknod { node, mode, rdev } => {
+            Op::Mknod { node, mode, rdev, uid, gid } => {
                 let t = self.resolve(node)?;
                 let name = t.name()?;
                 let format = mode & libc::S_IFMT;
@@ -300,6 +301,7 @@ impl Receiver {
                     path: t.shown.clone(),
                     source,
                 })?;
+                chown_at(&t, *uid, *gid)?;
                 chmod_at(&t, mode & 0o7777).map_err(|source| ApplyError::Io {
                     action: "set the mode of",
                     path: t.shown.clone(),
@@ -307,7 +309,7 @@ impl Receiver {
                 })?;
                 self.mark_dir(&t.parent, t.root, &t.shown);
             }
-            Op::Symlink { link, target } => {
+            Op::Symlink { link, target, uid, gid } => {
                 let t = self.resolve(link)?;
                 let name = t.name()?;
                 let Ok(target) = CString::new(target.as_bytes()) else {
@@ -324,6 +326,7 @@ impl Receiver {
                     path: t.shown.clone(),
                     source,
                 })?;
+                chown_at(&t, *uid, *gid)?;
                 self.mark_dir(&t.parent, t.root, &t.shown);
             }
             Op::Link { existing, new } => {
@@ -464,7 +467,7 @@ impl Receiver {
         Ok(())
     }
 
-    fn create(&mut self, file: &RelPath, mode: u32) -> Result<(), ApplyError> {
+    fn create(&mut self, file: &RelPath, mode: u32, uid: u32, gid: u32) -> Result<(), ApplyError> {
         let t = self.resolve(file)?;
         let name = t.name()?;
         let perm = mode & 0o7777;
@@ -475,6 +478,7 @@ impl Receiver {
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
                 return match kind(&t)? {
                     Kind::Regular => {
+                        chown_at(&t, uid, gid)?;
                         let open = self.open_file(file)?;
                         open.file.set_permissions(std::fs::Permissions::from_mode(perm)).map_err(|source| {
                             ApplyError::Io { action: "set the mode of", path: t.shown.clone(), source }
@@ -489,7 +493,9 @@ impl Receiver {
             }
             Err(source) => return Err(ApplyError::Io { action: "create", path: t.shown, source }),
         };
-        // The umask applied by open is undone: the copy gets the primary's mode.
+        // Owner first (chown clears set-user-ID bits), then the mode: the umask applied by open
+        // is undone and the copy gets the primary's mode.
+        chown_at(&t, uid, gid)?;
         created.set_permissions(std::fs::Permissions::from_mode(perm)).map_err(|source| ApplyError::Io {
             action: "set the mode of",
             path: t.shown.clone(),
@@ -787,6 +793,15 @@ fn at_args(t: &Target) -> (libc::c_int, &CStr, libc::c_int) {
         Some(name) => (t.parent.as_raw_fd(), name.as_c_str(), 0),
         None => (t.parent.as_raw_fd(), EMPTY, libc::AT_EMPTY_PATH),
     }
+}
+
+/// Gives a just-created `t` the owner it has on the primary, never following a link. Before
+/// the mode is set: chown clears the set-user-ID and set-group-ID bits.
+fn chown_at(t: &Target, uid: u32, gid: u32) -> Result<(), ApplyError> {
+    let (fd, name, flags) = at_args(t);
+    // SAFETY: the fd is open and `name` NUL-terminated during the call.
+    let rc = unsafe { libc::fchownat(fd, name.as_ptr(), uid, gid, flags | libc::AT_SYMLINK_NOFOLLOW) };
+    check(rc).map_err(|source| ApplyError::Io { action: "set the owner of", path: t.shown.clone(), source })
 }
 
 /// chmod of `t`, which the caller knows is not a symbolic link (fchmodat follows one).
@@ -1351,7 +1366,7 @@ mod tests {
         std::fs::create_dir(&outside).unwrap();
         std::os::unix::fs::symlink(&outside, root.join("out")).unwrap();
         let mut r = Receiver::new(vec![root.clone()]).unwrap();
-        let e = r.apply(&Op::Mkdir { dir: rel(0, "out/x"), mode: 0o755 }).unwrap_err();
+        let e = r.apply(&Op::Mkdir { dir: rel(0, "out/x"), mode: 0o755, uid: 0, gid: 0 }).unwrap_err();
         assert!(e.is_refusal() && e.to_string().contains("symbolic link"), "{e}");
         let e = r.resolve(&rel(0, "out")).and_then(|t| component_name("..", &t.shown)).unwrap_err();
         assert!(e.to_string().contains("`..`"), "{e}");
@@ -1363,7 +1378,7 @@ mod tests {
     fn writes_to_a_fifo_are_refused() {
         let base = tempfile::tempdir().unwrap();
         let mut r = Receiver::new(vec![base.path().to_path_buf()]).unwrap();
-        r.apply(&Op::Mknod { node: rel(0, "fifo"), mode: libc::S_IFIFO | 0o600, rdev: 0 }).unwrap();
+        r.apply(&Op::Mknod { node: rel(0, "fifo"), mode: libc::S_IFIFO | 0o600, rdev: 0, uid: 0, gid: 0 }).unwrap();
         let e = r.apply(&Op::Write { file: rel(0, "fifo"), offset: 0, data: b"x".to_vec() }).unwrap_err();
         assert!(e.is_refusal() && e.to_string().contains("not a regular file"), "{e}");
     }

@@ -204,6 +204,16 @@ fn fstatat(loc: &Loc) -> io::Result<libc::stat> {
     Ok(st)
 }
 
+/// Gives a just-created entry its owner on the source (never following a link). EPERM (a
+/// peer not running as root) is left to the attribute pass, which warns about it.
+fn give_owner(loc: &Loc, uid: u32, gid: u32) -> io::Result<()> {
+    // SAFETY: valid fd and C string.
+    match cvt(unsafe { libc::fchownat(loc.fd(), loc.name.as_ptr(), uid, gid, libc::AT_SYMLINK_NOFOLLOW) }) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => Ok(()),
+        r => r.map(drop),
+    }
+}
+
 fn readlinkat(loc: &Loc) -> io::Result<String> {
     let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
     // SAFETY: the buffer is valid for `buf.len()` bytes.
@@ -532,34 +542,38 @@ impl LocalTree {
             Op::Write { file, offset, data } => self.open_write(file)?.write_all_at(data, *offset),
             Op::Truncate { file, size } => self.open_write(file)?.set_len(*size),
             Op::Fallocate { file, mode, offset, len } => fallocate(&self.open_write(file)?, *mode, *offset, *len),
-            Op::Create { file, mode } => {
+            Op::Create { file, mode, uid, gid } => {
                 let loc = self.loc(file)?;
-                self.openat(&loc, libc::O_CREAT | libc::O_WRONLY | libc::O_NOFOLLOW, mode & 0o7777).map(drop)
+                self.openat(&loc, libc::O_CREAT | libc::O_WRONLY | libc::O_NOFOLLOW, mode & 0o7777)?;
+                give_owner(&loc, *uid, *gid)
             }
-            Op::Mkdir { dir, mode } => {
+            Op::Mkdir { dir, mode, uid, gid } => {
                 let loc = self.loc(dir)?;
                 // SAFETY: valid fd and C string.
                 match cvt(unsafe { libc::mkdirat(loc.fd(), loc.name.as_ptr(), (mode & 0o7777) as libc::mode_t) }) {
                     Err(e)
                         if e.raw_os_error() == Some(libc::EEXIST)
-                            && fstatat(&loc)?.st_mode & libc::S_IFMT == libc::S_IFDIR =>
-                    {
-                        Ok(())
+                            && fstatat(&loc)?.st_mode & libc::S_IFMT == libc::S_IFDIR => {}
+                    r => {
+                        r?;
                     }
-                    r => r.map(drop),
                 }
+                give_owner(&loc, *uid, *gid)
             }
-            Op::Mknod { node, mode, rdev } => {
+            Op::Mknod { node, mode, rdev, uid, gid } => {
                 let loc = self.loc(node)?;
                 // SAFETY: valid fd and C string.
-                cvt(unsafe { libc::mknodat(loc.fd(), loc.name.as_ptr(), *mode as libc::mode_t, *rdev as libc::dev_t) })
-                    .map(drop)
+                cvt(unsafe {
+                    libc::mknodat(loc.fd(), loc.name.as_ptr(), *mode as libc::mode_t, *rdev as libc::dev_t)
+                })?;
+                give_owner(&loc, *uid, *gid)
             }
-            Op::Symlink { link, target } => {
+            Op::Symlink { link, target, uid, gid } => {
                 let loc = self.loc(link)?;
                 let t = cstring(target)?;
                 // SAFETY: valid fd and C strings.
-                cvt(unsafe { libc::symlinkat(t.as_ptr(), loc.fd(), loc.name.as_ptr()) }).map(drop)
+                cvt(unsafe { libc::symlinkat(t.as_ptr(), loc.fd(), loc.name.as_ptr()) })?;
+                give_owner(&loc, *uid, *gid)
             }
             Op::Link { existing, new } => {
                 let a = self.loc(existing)?;
@@ -1302,7 +1316,7 @@ impl<'a> Engine<'a> {
             Kind::Dir => {
                 let fresh = pe.is_none();
                 if fresh {
-                    self.send_ns(Op::Mkdir { dir: path.clone(), mode: se.perm() })?;
+                    self.send_ns(Op::Mkdir { dir: path.clone(), mode: se.perm(), uid: se.uid, gid: se.gid })?;
                 }
                 if recurse || fresh {
                     self.sync_dir_contents(path, depth + 1)?;
@@ -1328,7 +1342,7 @@ impl<'a> Engine<'a> {
                     }
                 }
                 if pe.is_none() {
-                    self.send_ns(Op::Create { file: path.clone(), mode: 0o600 })?;
+                    self.send_ns(Op::Create { file: path.clone(), mode: 0o600, uid: se.uid, gid: se.gid })?;
                 }
                 let wrote = self.sync_file_content(path, pe.as_ref(), start)?;
                 self.fix_attrs(path, se, pe.as_ref(), wrote)?;
@@ -1338,13 +1352,19 @@ impl<'a> Engine<'a> {
             }
             Kind::Symlink(target) => {
                 if pe.is_none() {
-                    self.send_ns(Op::Symlink { link: path.clone(), target: target.clone() })?;
+                    self.send_ns(Op::Symlink { link: path.clone(), target: target.clone(), uid: se.uid, gid: se.gid })?;
                 }
                 self.fix_attrs(path, se, pe.as_ref(), pe.is_none())?;
             }
             Kind::Special { rdev } => {
                 if pe.is_none() {
-                    self.send_ns(Op::Mknod { node: path.clone(), mode: se.mode, rdev: *rdev })?;
+                    self.send_ns(Op::Mknod {
+                        node: path.clone(),
+                        mode: se.mode,
+                        rdev: *rdev,
+                        uid: se.uid,
+                        gid: se.gid,
+                    })?;
                 }
                 self.fix_attrs(path, se, pe.as_ref(), pe.is_none())?;
             }
