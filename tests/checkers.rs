@@ -1,30 +1,21 @@
 //! The application checkers: failure threshold, single report, recovery, isolation.
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
 use hamirror::config::{CheckAction, CheckConfig, CheckKind};
 use hamirror::daemon::checkers::{spawn_checkers, CHECK_FAILURES_BEFORE_REPORT};
-use hamirror::daemon::scripts::ScriptEnv;
 use hamirror::module::Event;
-use hamirror::paths::Paths;
 use tokio::sync::mpsc;
 
 const INTERVAL: Duration = Duration::from_millis(50);
 
-struct Fixture {
-    _dir: tempfile::TempDir,
-    paths: Paths,
-    env: ScriptEnv,
-}
+mod support;
+
+use support::module_fixture::{write_script, Fixture};
 
 fn fixture() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(dir.path().join("home"), dir.path().join("state"));
-    fs::create_dir_all(paths.module_dir("web01").join("bin")).unwrap();
-    let env = ScriptEnv::new(&paths, "web01", "hostA", Some("hostB"), &[]);
-    Fixture { _dir: dir, paths, env }
+    support::module_fixture::fixture(&[])
 }
 
 fn check(ident: &str, kind: CheckKind, action: CheckAction) -> CheckConfig {
@@ -81,12 +72,8 @@ async fn proc_checker_reports_missing_process() {
 async fn custom_checker_reports_again_after_recovery() {
     let f = fixture();
     let flag = f.paths.module_dir("web01").join("healthy");
-    let script = f.paths.script("web01", "check_app");
-    fs::write(&script, "#!/bin/sh\ntest -e healthy\n").unwrap();
-    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
-    let ok = f.paths.script("web01", "check_ok");
-    fs::write(&ok, "#!/bin/sh\nexit 0\n").unwrap();
-    fs::set_permissions(&ok, fs::Permissions::from_mode(0o755)).unwrap();
+    write_script(&f.paths, "check_app", "test -e healthy");
+    write_script(&f.paths, "check_ok", "exit 0");
     let (tx, mut rx) = mpsc::channel(8);
     let checks = [
         check("app", CheckKind::Custom { script: "check_app".into() }, CheckAction::Restart),
@@ -110,9 +97,7 @@ async fn custom_checker_reports_again_after_recovery() {
 #[tokio::test]
 async fn hanging_and_broken_checkers_fail_alone() {
     let f = fixture();
-    let script = f.paths.script("web01", "check_hang");
-    fs::write(&script, "#!/bin/sh\nsleep 30\n").unwrap();
-    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+    write_script(&f.paths, "check_hang", "sleep 30");
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, mut rx) = mpsc::channel(8);

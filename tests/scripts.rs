@@ -7,23 +7,16 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use hamirror::config::UserConfig;
-use hamirror::daemon::scripts::{run_script, ScriptEnv};
+use hamirror::daemon::scripts::run_script;
 use hamirror::module::{Script, ScriptOutcome, State};
 use hamirror::paths::Paths;
 
-struct Fixture {
-    _dir: tempfile::TempDir,
-    paths: Paths,
-    env: ScriptEnv,
-}
+mod support;
+
+use support::module_fixture::{write_script, Fixture};
 
 fn fixture() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
-    let paths = Paths::new(dir.path().join("home"), dir.path().join("state"));
-    fs::create_dir_all(paths.module_dir("web01").join("bin")).unwrap();
-    let vars = vec![("APP_COMMAND".to_string(), "sleep 5".to_string())];
-    let env = ScriptEnv::new(&paths, "web01", "hostA", Some("hostB"), &vars);
-    Fixture { _dir: dir, paths, env }
+    support::module_fixture::fixture(&[("APP_COMMAND", "sleep 5")])
 }
 
 fn user(start: Duration, nice: Duration, force: Duration) -> UserConfig {
@@ -32,12 +25,6 @@ fn user(start: Duration, nice: Duration, force: Duration) -> UserConfig {
 
 fn quick() -> UserConfig {
     user(Duration::from_secs(10), Duration::from_secs(10), Duration::from_secs(10))
-}
-
-fn write_script(paths: &Paths, name: &str, body: &str) {
-    let p = paths.script("web01", name);
-    fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
-    fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
 }
 
 fn user_log(paths: &Paths) -> String {

@@ -3,8 +3,10 @@
 //! Layout:
 //! - `lab`: multi-host labs of network-namespace hosts (a wrapper over `tools/lab`), and
 //!   `wait_until`, the way tests wait for a condition.
+//! - `module_fixture`: a module directory in a temp home, for script and checker tests.
 
 // Each test binary compiles this module on its own and uses only part of it.
 #![allow(dead_code)]
 
 pub mod lab;
+pub mod module_fixture;
