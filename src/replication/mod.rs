@@ -11,6 +11,7 @@ pub mod dirty;
 pub mod mountover;
 pub mod qcow2;
 pub mod receiver;
+pub mod remote;
 pub mod resync;
 pub mod sender;
 
