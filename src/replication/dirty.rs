@@ -215,28 +215,10 @@ fn rel_valid(p: &RelPath) -> bool {
     RelPath::new(p.dir(), p.path()).is_some()
 }
 
-/// Every path an op names (to validate records read back).
-fn op_paths(op: &Op) -> Vec<&RelPath> {
-    match op {
-        Op::Write { file, .. }
-        | Op::Truncate { file, .. }
-        | Op::Fallocate { file, .. }
-        | Op::Create { file, .. }
-        | Op::Unlink { file } => vec![file],
-        Op::Mkdir { dir, .. } | Op::Rmdir { dir } => vec![dir],
-        Op::Mknod { node, .. } => vec![node],
-        Op::Symlink { link, .. } => vec![link],
-        Op::Link { existing, new } => vec![existing, new],
-        Op::Rename { from, to, .. } => vec![from, to],
-        Op::SetAttr { path, .. } | Op::SetXattr { path, .. } | Op::RemoveXattr { path, .. } => vec![path],
-        Op::Fsync { file, .. } => file.iter().collect(),
-    }
-}
-
 fn record_valid(r: &Record) -> bool {
     match r {
         Record::Zones { file, .. } | Record::Whole { file, .. } | Record::ClearFile { file, .. } => rel_valid(file),
-        Record::Namespace { op, .. } => op_paths(op).into_iter().all(rel_valid),
+        Record::Namespace { op, .. } => op.paths().into_iter().all(rel_valid),
         _ => true,
     }
 }

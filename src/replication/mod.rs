@@ -176,6 +176,41 @@ pub enum Op {
     },
 }
 
+impl Op {
+    /// Every path the op names (none for an `Fsync` of everything).
+    pub fn paths(&self) -> Vec<&RelPath> {
+        match self {
+            Op::Write { file, .. }
+            | Op::Truncate { file, .. }
+            | Op::Fallocate { file, .. }
+            | Op::Create { file, .. }
+            | Op::Unlink { file } => vec![file],
+            Op::Mkdir { dir, .. } | Op::Rmdir { dir } => vec![dir],
+            Op::Mknod { node, .. } => vec![node],
+            Op::Symlink { link, .. } => vec![link],
+            Op::Link { existing, new } => vec![existing, new],
+            Op::Rename { from, to, .. } => vec![from, to],
+            Op::SetAttr { path, .. } | Op::SetXattr { path, .. } | Op::RemoveXattr { path, .. } => vec![path],
+            Op::Fsync { file, .. } => file.iter().collect(),
+        }
+    }
+}
+
+/// `pread` until `buf` is full or end of file; returns the bytes read.
+pub(crate) fn read_full_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
 /// Where the mountover hands its ops, in the order the operations happened.
 pub trait OpSink: Send + Sync {
     /// Queues `op` (after the local change succeeded) and returns its sequence number.

@@ -23,7 +23,8 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
+
+use super::read_full_at;
 
 /// The first four bytes of a qcow2 image.
 pub const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
@@ -85,20 +86,6 @@ fn be64(b: &[u8], at: usize) -> u64 {
         a.copy_from_slice(s);
     }
     u64::from_be_bytes(a)
-}
-
-/// `pread` until `buf` is full or end of file; returns the bytes read.
-fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
 }
 
 impl Qcow2Map {

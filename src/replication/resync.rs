@@ -23,7 +23,7 @@
 
 use super::dirty::{DirtyFile, DirtyMaps};
 use super::qcow2::{self, Qcow2Map};
-use super::{Op, RelPath, Timestamp};
+use super::{read_full_at, Op, RelPath, Timestamp};
 use serde::{Deserialize, Serialize};
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -342,20 +342,6 @@ fn intersect(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
 /// The part of sorted `ranges` inside `[s, e)`.
 fn clip(ranges: &[(u64, u64)], s: u64, e: u64) -> Vec<(u64, u64)> {
     intersect(ranges, &[(s, e)])
-}
-
-/// `pread` until `buf` is full or end of file; returns the bytes read.
-fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
 }
 
 /// xxh3-64 of `len` zero bytes, remembered for the common length.
@@ -1547,7 +1533,7 @@ impl<'a> Engine<'a> {
         let mut touched: BTreeSet<RelPath> = BTreeSet::new();
         let mut suspect: BTreeSet<RelPath> = BTreeSet::new();
         for op in &set.namespace {
-            let paths = op_paths(op);
+            let paths = op.paths();
             let excluded = paths.iter().any(|p| self.excluded(p));
             if excluded {
                 continue;
@@ -1798,24 +1784,7 @@ fn parent_of(p: &RelPath) -> Option<RelPath> {
 
 /// The path an op is about, for messages.
 fn ns_label(op: &Op) -> String {
-    op_paths(op).first().map(|p| show(p)).unwrap_or_else(|| "(all)".into())
-}
-
-fn op_paths(op: &Op) -> Vec<&RelPath> {
-    match op {
-        Op::Write { file, .. }
-        | Op::Truncate { file, .. }
-        | Op::Fallocate { file, .. }
-        | Op::Create { file, .. }
-        | Op::Unlink { file } => vec![file],
-        Op::Mkdir { dir, .. } | Op::Rmdir { dir } => vec![dir],
-        Op::Mknod { node, .. } => vec![node],
-        Op::Symlink { link, .. } => vec![link],
-        Op::Link { existing, new } => vec![existing, new],
-        Op::Rename { from, to, .. } => vec![from, to],
-        Op::SetAttr { path, .. } | Op::SetXattr { path, .. } | Op::RemoveXattr { path, .. } => vec![path],
-        Op::Fsync { file, .. } => file.iter().collect(),
-    }
+    op.paths().first().map(|p| show(p)).unwrap_or_else(|| "(all)".into())
 }
 
 fn op_name(op: &Op) -> &'static str {
