@@ -2,59 +2,24 @@
 
 use hamirror::cluster::ClusterKey;
 use hamirror::replication::channel::{handshake_receiver, Identity};
+mod support;
+
 use hamirror::replication::dirty::DirtyMaps;
 use hamirror::replication::remote::{open_roots, serve_resync, RemoteError, RemotePeer, LIST_BATCH_MAX};
-use hamirror::replication::resync::{
-    data_ranges, full_resync, incremental_resync, Flow, Kind, LocalTree, Outcome, ResyncOptions, ResyncStats,
-};
+use hamirror::replication::resync::{data_ranges, full_resync, incremental_resync, Flow, ResyncOptions, ResyncStats};
 use hamirror::replication::{Op, RelPath};
-use rand::{RngCore, SeedableRng};
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::thread::JoinHandle;
 use std::time::Duration;
+use support::resync_trees::*;
 
-const KIB: u64 = 1 << 10;
-const MIB: u64 = 1 << 20;
 const TIMEOUT: Duration = Duration::from_secs(10);
 const SENDER: Identity = Identity { module_id: 7, node: 0 };
 const RECEIVER: Identity = Identity { module_id: 7, node: 1 };
 
-fn rel(s: &str) -> RelPath {
-    RelPath::new(0, s).unwrap()
-}
-
-fn random(len: u64, seed: u64) -> Vec<u8> {
-    let mut v = vec![0u8; len as usize];
-    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
-    v
-}
-
-/// A source and a target directory, and the module's map directory.
-struct Pair {
-    _tmp: tempfile::TempDir,
-    src: PathBuf,
-    dst: PathBuf,
-    state: PathBuf,
-}
-
-impl Pair {
-    fn new() -> Pair {
-        let tmp = tempfile::tempdir().unwrap();
-        let (src, dst, state) = (tmp.path().join("src"), tmp.path().join("dst"), tmp.path().join("state"));
-        for d in [&src, &dst, &state] {
-            std::fs::create_dir(d).unwrap();
-        }
-        Pair { _tmp: tmp, src, dst, state }
-    }
-    fn source(&self) -> LocalTree {
-        LocalTree::open(&[&self.src]).unwrap()
-    }
-}
-
-/// Serves `dst` for one connection with `key`; the thread returns how the session ended.
 fn serve(dst: &Path, key: ClusterKey) -> (SocketAddr, JoinHandle<Result<(), String>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -68,13 +33,6 @@ fn serve(dst: &Path, key: ClusterKey) -> (SocketAddr, JoinHandle<Result<(), Stri
     (addr, handle)
 }
 
-fn done(o: Outcome) -> ResyncStats {
-    match o {
-        Outcome::Done(s) => s,
-        Outcome::Stopped(s) => panic!("stopped: {s:?}"),
-    }
-}
-
 fn full_over_network(pair: &Pair, opts: &ResyncOptions) -> ResyncStats {
     let key = ClusterKey::from_bytes([3; 32]);
     let (addr, server) = serve(&pair.dst, key.clone());
@@ -83,42 +41,6 @@ fn full_over_network(pair: &Pair, opts: &ResyncOptions) -> ResyncStats {
     peer.close();
     server.join().unwrap().unwrap();
     stats
-}
-
-/// Both trees hold the same entries: types, content, modes, owners, xattrs, symlink targets,
-/// mtimes of files and symlinks.
-fn assert_same_tree(a: &Path, b: &Path) {
-    let (ta, tb) = (LocalTree::open(&[a]).unwrap(), LocalTree::open(&[b]).unwrap());
-    compare_dir(&ta, &tb, a, b, &rel(""));
-}
-
-fn compare_dir(ta: &LocalTree, tb: &LocalTree, a: &Path, b: &Path, dir: &RelPath) {
-    let la = ta.list(dir).unwrap();
-    let lb = tb.list(dir).unwrap();
-    let na: Vec<&String> = la.iter().map(|(n, _)| n).collect();
-    let nb: Vec<&String> = lb.iter().map(|(n, _)| n).collect();
-    assert_eq!(na, nb, "entries of /{}", dir.path());
-    for ((name, ea), (_, eb)) in la.iter().zip(lb.iter()) {
-        let p = dir.join(name).unwrap();
-        let what = p.path();
-        assert_eq!(ea.kind, eb.kind, "{what}: kind");
-        assert_eq!(ea.mode, eb.mode, "{what}: mode");
-        assert_eq!((ea.uid, ea.gid), (eb.uid, eb.gid), "{what}: owner");
-        assert_eq!(ea.xattrs, eb.xattrs, "{what}: xattrs");
-        match ea.kind {
-            Kind::File => {
-                assert_eq!(ea.size, eb.size, "{what}: size");
-                assert_eq!(ea.mtime, eb.mtime, "{what}: mtime");
-                assert!(
-                    std::fs::read(a.join(what)).unwrap() == std::fs::read(b.join(what)).unwrap(),
-                    "{what}: content"
-                );
-            }
-            Kind::Symlink(_) => assert_eq!(ea.mtime, eb.mtime, "{what}: mtime"),
-            Kind::Dir => compare_dir(ta, tb, a, b, &p),
-            Kind::Special { .. } => {}
-        }
-    }
 }
 
 #[test]

@@ -1,19 +1,18 @@
 //! Resync engine against an in-process peer (a second directory): incremental from the maps,
 //! full by checksums, holes, qcow2 images, bandwidth cap, resume after an interruption.
 
+mod support;
+
 use hamirror::replication::dirty::{DirtyLimits, DirtyMaps};
 use hamirror::replication::resync::{
-    data_ranges, full_resync, incremental_resync, DirPeer, Flow, Kind, LocalTree, Outcome, PeerFiles, Progress,
-    ResyncOptions, ResyncStats,
+    data_ranges, full_resync, incremental_resync, Flow, LocalTree, Outcome, PeerFiles, Progress, ResyncOptions,
 };
-use hamirror::replication::{Op, RelPath};
-use rand::{RngCore, SeedableRng};
+use hamirror::replication::Op;
 use std::fs::File;
-use std::io::Read;
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
+use support::resync_trees::*;
 
 /// The owner this test creates files with (the mountover and the receiver ship and apply it).
 fn uid() -> u32 {
@@ -23,42 +22,7 @@ fn gid() -> u32 {
     nix::unistd::getegid().as_raw()
 }
 
-const KIB: u64 = 1 << 10;
-const MIB: u64 = 1 << 20;
-
-fn rel(s: &str) -> RelPath {
-    RelPath::new(0, s).unwrap()
-}
-
-fn random(len: u64, seed: u64) -> Vec<u8> {
-    let mut v = vec![0u8; len as usize];
-    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
-    v
-}
-
-/// A source and a target directory, and the module's map directory.
-struct Pair {
-    _tmp: tempfile::TempDir,
-    src: PathBuf,
-    dst: PathBuf,
-    state: PathBuf,
-}
-
 impl Pair {
-    fn new() -> Pair {
-        let tmp = tempfile::tempdir().unwrap();
-        let (src, dst, state) = (tmp.path().join("src"), tmp.path().join("dst"), tmp.path().join("state"));
-        for d in [&src, &dst, &state] {
-            std::fs::create_dir(d).unwrap();
-        }
-        Pair { _tmp: tmp, src, dst, state }
-    }
-    fn source(&self) -> LocalTree {
-        LocalTree::open(&[&self.src]).unwrap()
-    }
-    fn peer(&self) -> DirPeer {
-        DirPeer::open(&[&self.dst]).unwrap()
-    }
     fn full(&self, opts: &ResyncOptions, maps: Option<&DirtyMaps>) -> Outcome {
         full_resync(&self.source(), &mut self.peer(), maps, opts, &mut |_| Flow::Continue).unwrap()
     }
@@ -67,76 +31,10 @@ impl Pair {
     }
 }
 
-fn done(o: Outcome) -> ResyncStats {
-    match o {
-        Outcome::Done(s) => s,
-        Outcome::Stopped(s) => panic!("stopped: {s:?}"),
-    }
-}
-
 /// Acts as the mountover: applies `op` to the source and records it in the maps.
 fn change(src: &LocalTree, maps: &DirtyMaps, op: Op) {
     src.apply(&op).unwrap_or_else(|e| panic!("{op:?}: {e}"));
     maps.track(&op).unwrap();
-}
-
-fn same_content(a: &Path, b: &Path) -> bool {
-    let (mut fa, mut fb) = (File::open(a).unwrap(), File::open(b).unwrap());
-    let (mut ba, mut bb) = (vec![0u8; MIB as usize], vec![0u8; MIB as usize]);
-    loop {
-        let na = read_full(&mut fa, &mut ba);
-        let nb = read_full(&mut fb, &mut bb);
-        if na != nb || ba[..na] != bb[..nb] {
-            return false;
-        }
-        if na == 0 {
-            return true;
-        }
-    }
-}
-
-fn read_full(f: &mut File, buf: &mut [u8]) -> usize {
-    let mut n = 0;
-    while n < buf.len() {
-        match f.read(&mut buf[n..]).unwrap() {
-            0 => break,
-            k => n += k,
-        }
-    }
-    n
-}
-
-/// Both trees hold the same entries: types, content, modes, owners, xattrs, symlink targets,
-/// mtimes of files and symlinks.
-fn assert_same_tree(a: &Path, b: &Path) {
-    let (ta, tb) = (LocalTree::open(&[a]).unwrap(), LocalTree::open(&[b]).unwrap());
-    compare_dir(&ta, &tb, a, b, &rel(""));
-}
-
-fn compare_dir(ta: &LocalTree, tb: &LocalTree, a: &Path, b: &Path, dir: &RelPath) {
-    let la = ta.list(dir).unwrap();
-    let lb = tb.list(dir).unwrap();
-    let na: Vec<&String> = la.iter().map(|(n, _)| n).collect();
-    let nb: Vec<&String> = lb.iter().map(|(n, _)| n).collect();
-    assert_eq!(na, nb, "entries of /{}", dir.path());
-    for ((name, ea), (_, eb)) in la.iter().zip(lb.iter()) {
-        let p = dir.join(name).unwrap();
-        let what = p.path();
-        assert_eq!(ea.kind, eb.kind, "{what}: kind");
-        assert_eq!(ea.mode, eb.mode, "{what}: mode");
-        assert_eq!((ea.uid, ea.gid), (eb.uid, eb.gid), "{what}: owner");
-        assert_eq!(ea.xattrs, eb.xattrs, "{what}: xattrs");
-        match ea.kind {
-            Kind::File => {
-                assert_eq!(ea.size, eb.size, "{what}: size");
-                assert_eq!(ea.mtime, eb.mtime, "{what}: mtime");
-                assert!(same_content(&a.join(what), &b.join(what)), "{what}: content differs");
-            }
-            Kind::Symlink(_) => assert_eq!(ea.mtime, eb.mtime, "{what}: mtime"),
-            Kind::Dir => compare_dir(ta, tb, a, b, &p),
-            Kind::Special { .. } => {}
-        }
-    }
 }
 
 fn qemu(cmd: &str, args: &[&str]) -> std::process::Output {
