@@ -1170,22 +1170,28 @@ impl<'a> Engine<'a> {
         Ok(())
     }
 
-    // ---- full resync ------------------------------------------------------------------------
-
-    fn count(&mut self, dir: &RelPath, depth: usize) -> R<()> {
+    /// The entries of source directory `dir` that a tree walk visits: none below the depth
+    /// bound or when `dir` vanished meanwhile, and never an excluded (notreplicated) path.
+    fn children(&self, dir: &RelPath, depth: usize) -> R<Vec<(RelPath, Entry)>> {
         if depth > TREE_DEPTH_MAX {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let list = match self.src.list(dir) {
             Ok(l) => l,
-            Err(e) if is_enoent(&e) => return Ok(()),
+            Err(e) if is_enoent(&e) => return Ok(Vec::new()),
             Err(e) => return Err(local(dir)(e)),
         };
-        for (name, e) in list {
-            let Some(p) = dir.join(&name) else { continue };
-            if self.excluded(&p) {
-                continue;
-            }
+        Ok(list
+            .into_iter()
+            .filter_map(|(name, e)| dir.join(&name).map(|p| (p, e)))
+            .filter(|(p, _)| !self.excluded(p))
+            .collect())
+    }
+
+    // ---- full resync ------------------------------------------------------------------------
+
+    fn count(&mut self, dir: &RelPath, depth: usize) -> R<()> {
+        for (p, e) in self.children(dir, depth)? {
             let r = self.resume_of(&p);
             match e.kind {
                 Kind::Dir => {
@@ -1725,19 +1731,7 @@ impl<'a> Engine<'a> {
 
     /// Compares every multiply-linked regular file (see `DirtySet::hardlink_orphans`).
     fn relink_check(&mut self, dir: &RelPath, depth: usize) -> R<()> {
-        if depth > TREE_DEPTH_MAX {
-            return Ok(());
-        }
-        let list = match self.src.list(dir) {
-            Ok(l) => l,
-            Err(e) if is_enoent(&e) => return Ok(()),
-            Err(e) => return Err(local(dir)(e)),
-        };
-        for (name, e) in list {
-            let Some(p) = dir.join(&name) else { continue };
-            if self.excluded(&p) {
-                continue;
-            }
+        for (p, e) in self.children(dir, depth)? {
             match e.kind {
                 Kind::Dir => self.relink_check(&p, depth + 1)?,
                 Kind::File if e.nlink > 1 => {
