@@ -41,6 +41,7 @@ fn view(name: &str, error: Option<&str>) -> ModuleView {
         status: None,
         error: error.map(str::to_string),
         heartbeats_rejected: None,
+        replication: None,
     }
 }
 
@@ -75,7 +76,10 @@ fn fake_module(
     });
     let mut v = view(name, None);
     v.status = None;
-    (ModuleHandle { view: v, snapshot: snap_rx, commands: cmd_tx, rejected: None }, snap_tx)
+    (
+        ModuleHandle { view: v, snapshot: snap_rx, commands: cmd_tx, rejected: None, replication: None, verify: None },
+        snap_tx,
+    )
 }
 
 fn fake() -> Fake {
@@ -94,7 +98,14 @@ fn fake() -> Fake {
     control.running.insert("db".into(), db);
     control.running.insert(
         "gone".into(),
-        ModuleHandle { view: view("gone", None), snapshot: gone_snap, commands: gone_tx, rejected: None },
+        ModuleHandle {
+            view: view("gone", None),
+            snapshot: gone_snap,
+            commands: gone_tx,
+            rejected: None,
+            replication: None,
+            verify: None,
+        },
     );
     control.broken.insert("bad".into(), view("bad", Some("userconfig.xml:3: <heart>: bad pulse")));
     let (reload_tx, mut reload_rx) = mpsc::channel::<oneshot::Sender<ReloadReport>>(1);

@@ -266,8 +266,9 @@ fn handle(name: &str, snap: Snapshot, seen: Arc<Mutex<Vec<AdminCommand>>>) -> Mo
         status: None,
         error: None,
         heartbeats_rejected: None,
+        replication: None,
     };
-    ModuleHandle { view, snapshot: snap_rx, commands: cmd_tx, rejected: None }
+    ModuleHandle { view, snapshot: snap_rx, commands: cmd_tx, rejected: None, replication: None, verify: None }
 }
 
 // With a daemon on the socket: `state` exits with the state's code, `status` prints the

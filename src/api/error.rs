@@ -41,7 +41,9 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::Control(ControlError::UnknownModule(_)) => StatusCode::NOT_FOUND,
-            ApiError::Control(ControlError::Refused(_)) => StatusCode::CONFLICT,
+            ApiError::Control(
+                ControlError::Refused(_) | ControlError::NotReplicated(_) | ControlError::Verify { .. },
+            ) => StatusCode::CONFLICT,
             ApiError::Control(ControlError::Broken { .. } | ControlError::Gone(_)) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) | ApiError::NotPrimary { .. } => StatusCode::NOT_FOUND,

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::module::{AdminCommand, CommandError, Snapshot};
+use crate::replication::status::{ReplicationView, VerifyReport};
 
 /// What `status` and `GET /api/v1/modules[/m]` show of one module. Field names are a stable
 /// contract (`--json`).
@@ -24,6 +25,9 @@ pub struct ModuleView {
     /// Heartbeat datagrams dropped since the daemon started, by reason.
     #[serde(default)]
     pub heartbeats_rejected: Option<crate::cluster::RejectCounts>,
+    /// The module's data replication (`None`: the module replicates no directory).
+    #[serde(default)]
+    pub replication: Option<ReplicationView>,
 }
 
 /// A request to one module's supervisor task.
@@ -39,7 +43,14 @@ pub struct ModuleHandle {
     pub commands: mpsc::Sender<ModuleRequest>,
     /// The heartbeat transport's drop counters (`None` in tests without a transport).
     pub rejected: Option<std::sync::Arc<crate::cluster::RejectCounters>>,
+    /// The module's replication as it changes (`None`: no replicated directory).
+    pub replication: Option<watch::Receiver<ReplicationView>>,
+    /// Asks the module's replication for an online comparison of both copies.
+    pub verify: Option<mpsc::Sender<VerifyRequest>>,
 }
+
+/// A `verify` request: the reply is the report, or one sentence saying why none was made.
+pub type VerifyRequest = oneshot::Sender<Result<VerifyReport, String>>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -51,6 +62,10 @@ pub enum ControlError {
     Gone(String),
     #[error(transparent)]
     Refused(#[from] CommandError),
+    #[error("module {0} replicates no directory: there is nothing to verify")]
+    NotReplicated(String),
+    #[error("verify of module {name} failed: {error}")]
+    Verify { name: String, error: String },
 }
 
 /// Every installed module, running or broken.
@@ -87,6 +102,7 @@ impl Control {
             let mut v = h.view.clone();
             v.status = Some(h.snapshot.borrow().clone());
             v.heartbeats_rejected = h.rejected.as_ref().map(|c| c.counts());
+            v.replication = h.replication.as_ref().map(|r| r.borrow().clone());
             return Some(v);
         }
         self.broken.get(name).cloned()
@@ -103,6 +119,22 @@ impl Control {
         h.commands.send(ModuleRequest { command, reply }).await.map_err(|_| ControlError::Gone(name.to_string()))?;
         rx.await.map_err(|_| ControlError::Gone(name.to_string()))??;
         Ok(())
+    }
+
+    /// Compares the primary's copy of the module's data with the secondary's, online.
+    pub async fn verify(&self, name: &str) -> Result<VerifyReport, ControlError> {
+        let Some(h) = self.running.get(name) else {
+            return Err(match self.broken.get(name) {
+                Some(v) => ControlError::Broken { name: name.to_string(), error: v.error.clone().unwrap_or_default() },
+                None => ControlError::UnknownModule(name.to_string()),
+            });
+        };
+        let Some(verify) = &h.verify else { return Err(ControlError::NotReplicated(name.to_string())) };
+        let (reply, rx) = oneshot::channel();
+        verify.send(reply).await.map_err(|_| ControlError::Gone(name.to_string()))?;
+        rx.await
+            .map_err(|_| ControlError::Gone(name.to_string()))?
+            .map_err(|error| ControlError::Verify { name: name.to_string(), error })
     }
 
     /// The module's daemon log, or with `user` its scripts' output.

@@ -161,6 +161,7 @@ fn broken_view(name: &str, node: &str, error: String) -> ModuleView {
         status: None,
         error: Some(error),
         heartbeats_rejected: None,
+        replication: None,
     }
 }
 

@@ -103,6 +103,7 @@ pub fn start_module(
         status: None,
         error: None,
         heartbeats_rejected: None,
+        replication: None,
     };
     let env = ScriptEnv::new(&ctx.paths, &config.name, &ctx.node, Some(&peer), &config.user.vars);
     let supervisor = Supervisor {
@@ -121,7 +122,10 @@ pub fn start_module(
     };
     let rejected = Some(supervisor.heartbeats.counters());
     let task = tokio::spawn(supervisor.run());
-    Ok((ModuleHandle { view, snapshot: snapshot_rx, commands: commands_tx, rejected }, task))
+    Ok((
+        ModuleHandle { view, snapshot: snapshot_rx, commands: commands_tx, rejected, replication: None, verify: None },
+        task,
+    ))
 }
 
 struct Supervisor {

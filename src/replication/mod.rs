@@ -14,6 +14,7 @@ pub mod receiver;
 pub mod remote;
 pub mod resync;
 pub mod sender;
+pub mod status;
 
 use serde::{Deserialize, Serialize};
 use std::io;
