@@ -141,18 +141,39 @@ pub fn rfc3339_now() -> String {
 
 /// `t` as RFC 3339 UTC with milliseconds. Times before 1970 print as the epoch.
 pub fn rfc3339(t: SystemTime) -> String {
-    let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = since.as_secs();
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60,
-        since.subsec_millis()
-    )
+    let u = UtcTime::of(t);
+    format!("{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z", u.year, u.month, u.day, u.hour, u.minute, u.second, u.millis)
+}
+
+/// A time broken down in UTC (proleptic Gregorian calendar), for names and log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UtcTime {
+    pub year: i64,
+    pub month: u32,
+    pub day: u32,
+    pub hour: u32,
+    pub minute: u32,
+    pub second: u32,
+    pub millis: u32,
+}
+
+impl UtcTime {
+    /// `t` in UTC; times before 1970 are taken as the epoch.
+    pub fn of(t: SystemTime) -> UtcTime {
+        let since = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let secs = since.as_secs();
+        let rem = (secs % 86_400) as u32;
+        let (year, month, day) = civil_from_days((secs / 86_400) as i64);
+        UtcTime {
+            year,
+            month,
+            day,
+            hour: rem / 3600,
+            minute: (rem % 3600) / 60,
+            second: rem % 60,
+            millis: since.subsec_millis(),
+        }
+    }
 }
 
 /// (year, month, day) of the day `z` days after 1970-01-01, in the proleptic Gregorian

@@ -6,6 +6,7 @@
 //! [`OpSink`] and, at a sync point (fsync, O_SYNC/O_DIRECT write, flush on close), waits until
 //! the sink says every op before it is durable where the mode requires.
 
+pub mod aside;
 pub mod channel;
 pub mod dirty;
 pub mod mountover;
@@ -15,6 +16,7 @@ pub mod remote;
 pub mod resync;
 pub mod sender;
 pub mod status;
+pub mod verify;
 
 use serde::{Deserialize, Serialize};
 use std::io;

@@ -92,10 +92,10 @@ pub struct Entry {
 }
 
 impl Entry {
-    fn perm(&self) -> u32 {
+    pub(crate) fn perm(&self) -> u32 {
         self.mode & 0o7777
     }
-    fn same_kind(&self, other: &Entry) -> bool {
+    pub(crate) fn same_kind(&self, other: &Entry) -> bool {
         match (&self.kind, &other.kind) {
             (Kind::File, Kind::File) | (Kind::Dir, Kind::Dir) => true,
             (Kind::Symlink(a), Kind::Symlink(b)) => a == b,
@@ -149,7 +149,7 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
 
 /// No such entry (or, for a path, one that would go through a symlink or leave the tree:
 /// no entry of the tree is there either).
-fn is_enoent(e: &io::Error) -> bool {
+pub(crate) fn is_enoent(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR) | Some(libc::ELOOP) | Some(libc::EXDEV))
 }
 
@@ -866,12 +866,12 @@ pub enum ResyncError {
     MissingRoot(u16, &'static str),
 }
 
-fn show(p: &RelPath) -> String {
+pub(crate) fn show(p: &RelPath) -> String {
     format!("[{}]/{}", p.dir(), p.path())
 }
 
 /// Internal: the callback asked to stop, or an error.
-enum Halt {
+pub(crate) enum Halt {
     Stop,
     Err(ResyncError),
 }
@@ -882,13 +882,13 @@ impl From<ResyncError> for Halt {
     }
 }
 
-type R<T> = Result<T, Halt>;
+pub(crate) type R<T> = Result<T, Halt>;
 
-fn local(p: &RelPath) -> impl FnOnce(io::Error) -> Halt + '_ {
+pub(crate) fn local(p: &RelPath) -> impl FnOnce(io::Error) -> Halt + '_ {
     move |source| Halt::Err(ResyncError::Local { path: show(p), source })
 }
 
-fn remote(p: &RelPath) -> impl FnOnce(io::Error) -> Halt + '_ {
+pub(crate) fn remote(p: &RelPath) -> impl FnOnce(io::Error) -> Halt + '_ {
     move |source| Halt::Err(ResyncError::Peer { path: show(p), source })
 }
 
@@ -983,7 +983,7 @@ pub fn clear_checkpoint(path: &Path) -> io::Result<()> {
 
 /// Walk order: by replicated directory, then component by component (a directory's
 /// contents right after it).
-fn walk_cmp(a: &RelPath, b: &RelPath) -> Ordering {
+pub(crate) fn walk_cmp(a: &RelPath, b: &RelPath) -> Ordering {
     a.dir().cmp(&b.dir()).then_with(|| {
         let ca = a.path().split('/').filter(|c| !c.is_empty());
         let cb = b.path().split('/').filter(|c| !c.is_empty());
@@ -1001,6 +1001,34 @@ fn is_ancestor(a: &RelPath, b: &RelPath) -> bool {
 
 fn in_tree(p: &RelPath, root: &RelPath) -> bool {
     p == root || is_ancestor(root, p)
+}
+
+/// `p` is one of the `exclude` (notreplicated) paths or below one.
+pub(crate) fn is_excluded(exclude: &[RelPath], p: &RelPath) -> bool {
+    exclude.iter().any(|e| in_tree(p, e))
+}
+
+/// The entries of directory `dir`, listed on one side by `list`, that a tree walk visits:
+/// none below the depth bound or when `dir` vanished meanwhile, and never an `exclude`d path.
+pub(crate) fn children(
+    dir: &RelPath,
+    depth: usize,
+    exclude: &[RelPath],
+    list: impl FnOnce(&RelPath) -> io::Result<Vec<(String, Entry)>>,
+) -> io::Result<Vec<(RelPath, Entry)>> {
+    if depth > TREE_DEPTH_MAX {
+        return Ok(Vec::new());
+    }
+    let list = match list(dir) {
+        Ok(l) => l,
+        Err(e) if is_enoent(&e) => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    Ok(list
+        .into_iter()
+        .filter_map(|(name, e)| dir.join(&name).map(|p| (p, e)))
+        .filter(|(p, _)| !is_excluded(exclude, p))
+        .collect())
 }
 
 /// What a resumed walk does with an entry.
@@ -1070,7 +1098,7 @@ impl<'a> Engine<'a> {
     }
 
     fn excluded(&self, p: &RelPath) -> bool {
-        self.opts.exclude.iter().any(|e| in_tree(p, e))
+        is_excluded(&self.opts.exclude, p)
     }
 
     fn resume_of(&self, p: &RelPath) -> Resume {
@@ -1170,22 +1198,9 @@ impl<'a> Engine<'a> {
         Ok(())
     }
 
-    /// The entries of source directory `dir` that a tree walk visits: none below the depth
-    /// bound or when `dir` vanished meanwhile, and never an excluded (notreplicated) path.
+    /// The entries of source directory `dir` that a tree walk visits (see [`children`]).
     fn children(&self, dir: &RelPath, depth: usize) -> R<Vec<(RelPath, Entry)>> {
-        if depth > TREE_DEPTH_MAX {
-            return Ok(Vec::new());
-        }
-        let list = match self.src.list(dir) {
-            Ok(l) => l,
-            Err(e) if is_enoent(&e) => return Ok(Vec::new()),
-            Err(e) => return Err(local(dir)(e)),
-        };
-        Ok(list
-            .into_iter()
-            .filter_map(|(name, e)| dir.join(&name).map(|p| (p, e)))
-            .filter(|(p, _)| !self.excluded(p))
-            .collect())
+        children(dir, depth, &self.opts.exclude, |d| self.src.list(d)).map_err(local(dir))
     }
 
     // ---- full resync ------------------------------------------------------------------------
@@ -1804,8 +1819,9 @@ fn op_name(op: &Op) -> &'static str {
 // ---------------------------------------------------------------------------------------------
 // Entry points
 
-fn check_options(opts: &ResyncOptions) -> Result<(), ResyncError> {
-    if !opts.block_bytes.is_power_of_two() || opts.block_bytes > (256 << 20) {
+/// Checks that a checksum block size is a power of two up to 256 MiB.
+pub(crate) fn check_block_bytes(block_bytes: u64) -> Result<(), ResyncError> {
+    if !block_bytes.is_power_of_two() || block_bytes > (256 << 20) {
         return Err(ResyncError::Local {
             path: "(options)".into(),
             source: io::Error::new(io::ErrorKind::InvalidInput, "block size must be a power of two up to 256 MiB"),
@@ -1824,7 +1840,7 @@ pub fn full_resync(
     opts: &ResyncOptions,
     progress: &mut dyn FnMut(&Progress) -> Flow,
 ) -> Result<Outcome, ResyncError> {
-    check_options(opts)?;
+    check_block_bytes(opts.block_bytes)?;
     let started = Instant::now();
     let gen = maps.map(|m| m.generation());
     let mut e = Engine::new(source, peer, opts, progress);
@@ -1876,7 +1892,7 @@ pub fn incremental_resync(
     opts: &ResyncOptions,
     progress: &mut dyn FnMut(&Progress) -> Flow,
 ) -> Result<Outcome, ResyncError> {
-    check_options(opts)?;
+    check_block_bytes(opts.block_bytes)?;
     let set = maps.snapshot();
     if set.full {
         warn!("the dirty-zone maps are incomplete (overflow or damage): running a full resync");
