@@ -1070,3 +1070,27 @@ fn daemon_shutdown_stops_but_keeps_running_flag() {
     pair.assert_pair(State::Second, State::Prim);
     assert_eq!(pair.scripts_since(0, boot_at), [Script::Prestart, Script::StartBoth, Script::StartSecond]);
 }
+
+// ----- replication -----
+
+// Proves that a PRIM whose replication stream breaks (heartbeats still fine) goes ALONE in a
+// new generation, that its in-sync secondary learns from the next heartbeat that its data is
+// no longer current (so it could not take over with it), resyncs, and the pair is PRIM/SECOND
+// again; and that the same event on a node that is not primary changes nothing.
+#[test]
+fn a_broken_replication_stream_makes_the_primary_alone_and_the_secondary_resync() {
+    let mut pair = Pair::started(defaults);
+    let gen = pair.snap(0).generation;
+    let since = pair.now;
+    pair.event(1, Event::ReplicationLost { reason: "test".into() });
+    assert_eq!(pair.snap(1).state, State::Second, "a secondary ignores it");
+    pair.event(0, Event::ReplicationLost { reason: "the peer refused an operation".into() });
+    assert_eq!(pair.snap(0).state, State::Alone);
+    assert_ne!(pair.snap(0).generation, gen, "a new generation starts");
+    pair.run_for(ms(5));
+    assert!(!pair.snap(1).in_sync, "the secondary knows at once that it is behind");
+    pair.run_for(secs(2));
+    assert_eq!(pair.resyncs_since(1, since), [false], "a changes-only resync");
+    assert_eq!((pair.snap(0).state, pair.snap(1).state), (State::Prim, State::Second));
+    assert!(pair.snap(1).in_sync);
+}

@@ -5,8 +5,11 @@ use hamirror::replication::channel::{handshake_receiver, Identity};
 mod support;
 
 use hamirror::replication::dirty::DirtyMaps;
-use hamirror::replication::remote::{open_roots, serve_resync, RemoteError, RemotePeer, LIST_BATCH_MAX};
+use hamirror::replication::remote::{
+    open_roots, serve_resync, BeginAnswer, RemoteError, RemotePeer, Served, TargetHooks, LIST_BATCH_MAX,
+};
 use hamirror::replication::resync::{data_ranges, full_resync, incremental_resync, Flow, ResyncOptions, ResyncStats};
+use hamirror::replication::status::ResyncView;
 use hamirror::replication::{Op, RelPath};
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener};
@@ -20,7 +23,30 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 const SENDER: Identity = Identity { module_id: 7, node: 0 };
 const RECEIVER: Identity = Identity { module_id: 7, node: 1 };
 
-fn serve(dst: &Path, key: ClusterKey) -> (SocketAddr, JoinHandle<Result<(), String>>) {
+/// A target that always accepts a changes-only resync and records the progress it is told.
+#[derive(Default)]
+struct Accepting {
+    progress: Vec<ResyncView>,
+}
+
+impl TargetHooks for Accepting {
+    fn begin(&mut self) -> BeginAnswer {
+        BeginAnswer::Ready { full: false }
+    }
+    fn progress(&mut self, view: ResyncView) {
+        self.progress.push(view);
+    }
+    fn finish(&mut self, _ok: bool) {}
+}
+
+/// Connects and begins (the target refuses changes before that).
+fn connect(addr: SocketAddr, key: &ClusterKey) -> RemotePeer {
+    let mut peer = RemotePeer::connect(addr, key, SENDER, TIMEOUT).unwrap();
+    assert_eq!(peer.begin().unwrap(), BeginAnswer::Ready { full: false });
+    peer
+}
+
+fn serve(dst: &Path, key: ClusterKey) -> (SocketAddr, JoinHandle<Result<Served, String>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let dst = dst.to_path_buf();
@@ -28,7 +54,7 @@ fn serve(dst: &Path, key: ClusterKey) -> (SocketAddr, JoinHandle<Result<(), Stri
         let (stream, _) = listener.accept().map_err(|e| e.to_string())?;
         let channel = handshake_receiver(stream, &key, RECEIVER, TIMEOUT).map_err(|e| e.to_string())?;
         let (receiver, tree) = open_roots(&[dst]).map_err(|e| e.to_string())?;
-        serve_resync(channel, receiver, tree).map_err(|e: RemoteError| e.to_string())
+        serve_resync(channel, receiver, tree, &mut Accepting::default()).map_err(|e: RemoteError| e.to_string())
     });
     (addr, handle)
 }
@@ -36,7 +62,7 @@ fn serve(dst: &Path, key: ClusterKey) -> (SocketAddr, JoinHandle<Result<(), Stri
 fn full_over_network(pair: &Pair, opts: &ResyncOptions) -> ResyncStats {
     let key = ClusterKey::from_bytes([3; 32]);
     let (addr, server) = serve(&pair.dst, key.clone());
-    let mut peer = RemotePeer::connect(addr, &key, SENDER, TIMEOUT).unwrap();
+    let mut peer = connect(addr, &key);
     let stats = done(full_resync(&pair.source(), &mut peer, None, opts, &mut |_| Flow::Continue).unwrap());
     peer.close();
     server.join().unwrap().unwrap();
@@ -103,7 +129,7 @@ fn an_incremental_resync_through_the_network_sends_only_the_dirty_zones() {
     }
     let key = ClusterKey::from_bytes([4; 32]);
     let (addr, server) = serve(&pair.dst, key.clone());
-    let mut peer = RemotePeer::connect(addr, &key, SENDER, TIMEOUT).unwrap();
+    let mut peer = connect(addr, &key);
     let stats = done(incremental_resync(&src, &mut peer, &maps, &opts, &mut |_| Flow::Continue).unwrap());
     assert_eq!(stats.bytes_sent, 4 * 64 * KIB, "{stats:?}");
     assert!(!stats.full);
@@ -136,7 +162,7 @@ fn requests_outside_the_roots_are_refused() {
     let pair = Pair::new();
     let key = ClusterKey::from_bytes([7; 32]);
     let (addr, server) = serve(&pair.dst, key.clone());
-    let mut peer = RemotePeer::connect(addr, &key, SENDER, TIMEOUT).unwrap();
+    let mut peer = connect(addr, &key);
     let other = RelPath::new(3, "x").unwrap();
     let e = peer.stat(&other).unwrap_err().to_string();
     assert!(e.contains("replicated directories"), "{e}");
@@ -146,4 +172,57 @@ fn requests_outside_the_roots_are_refused() {
     assert!(peer.stat(&rel("")).unwrap().is_some(), "the session goes on");
     peer.close();
     server.join().unwrap().unwrap();
+}
+
+#[test]
+fn changes_wait_for_begin_and_finish_ends_the_session() {
+    // Proves: the target refuses changes until it accepted Begin (a verify connection can only read), a refusing target keeps refusing them, and Finish ends the session as Finished with the progress delivered to the hooks.
+    use hamirror::replication::resync::PeerFiles;
+    struct Refusing;
+    impl TargetHooks for Refusing {
+        fn begin(&mut self) -> BeginAnswer {
+            BeginAnswer::NotReady
+        }
+        fn progress(&mut self, _view: ResyncView) {}
+        fn finish(&mut self, ok: bool) {
+            assert!(!ok, "a target that never began cannot finish ok");
+        }
+    }
+    let pair = Pair::new();
+    let key = ClusterKey::from_bytes([8; 32]);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dst = pair.dst.clone();
+    let server_key = key.clone();
+    let server = std::thread::spawn(move || {
+        let mut results = Vec::new();
+        for refusing in [true, false] {
+            let (stream, _) = listener.accept().unwrap();
+            let channel = handshake_receiver(stream, &server_key, RECEIVER, TIMEOUT).unwrap();
+            let (receiver, tree) = open_roots(std::slice::from_ref(&dst)).unwrap();
+            let mut accepting = Accepting::default();
+            let hooks: &mut dyn TargetHooks = if refusing { &mut Refusing } else { &mut accepting };
+            results.push(serve_resync(channel, receiver, tree, hooks).unwrap());
+            results.push(Served::Finished(accepting.progress.len() == 1));
+        }
+        results
+    });
+    let create = Op::Create { file: rel("f"), mode: 0o644, uid: 0, gid: 0 };
+    let mut peer = RemotePeer::connect(addr, &key, SENDER, TIMEOUT).unwrap();
+    let e = peer.apply(&create).unwrap_err().to_string();
+    assert!(e.contains("before the resync began"), "{e}");
+    assert_eq!(peer.begin().unwrap(), BeginAnswer::NotReady);
+    assert!(peer.apply(&create).is_err(), "still refused after a NotReady answer");
+    assert!(peer.stat(&rel("")).unwrap().is_some(), "reads are served");
+    peer.finish(true).unwrap();
+    let mut peer = connect(addr, &key);
+    peer.apply(&create).unwrap();
+    peer.progress(&ResyncView { pass: 1, ..ResyncView::default() }).unwrap();
+    peer.finish(true).unwrap();
+    let results = server.join().unwrap();
+    assert_eq!(
+        results,
+        vec![Served::Finished(false), Served::Finished(false), Served::Finished(true), Served::Finished(true)]
+    );
+    assert!(pair.dst.join("f").exists());
 }

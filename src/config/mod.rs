@@ -81,9 +81,13 @@ impl ModuleConfig {
     pub fn heartbeat_port(&self) -> u16 {
         PORT_BASE + 4 * self.id
     }
-    /// TCP port of this module's replication stream (next issue).
+    /// TCP port of this module's real-time replication stream (the secondary listens).
     pub fn replication_port(&self) -> u16 {
         PORT_BASE + 4 * self.id + 1
+    }
+    /// TCP port of this module's resync and verify connections (the secondary listens).
+    pub fn resync_port(&self) -> u16 {
+        PORT_BASE + 4 * self.id + 2
     }
 }
 

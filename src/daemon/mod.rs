@@ -3,6 +3,7 @@
 pub mod checkers;
 pub mod control;
 pub mod logs;
+pub mod replication;
 pub mod scripts;
 pub mod supervisor;
 

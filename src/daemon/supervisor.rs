@@ -14,9 +14,12 @@ use crate::module::{Action, Event, LogLevel, Module, ModuleParams, PersistedStat
 use crate::paths::Paths;
 
 use super::checkers::{spawn_checkers, CheckerSet};
-use super::control::{ModuleHandle, ModuleRequest, ModuleView};
+use super::control::{ModuleHandle, ModuleRequest, ModuleView, VerifyRequest};
 use super::logs::ModuleLog;
+use super::replication::Replication;
 use super::scripts::{run_script, ScriptEnv};
+use crate::module::{Script, ScriptOutcome};
+use crate::replication::status::DataRole;
 
 /// Admin requests waiting for one module's task.
 const COMMAND_QUEUE_MAX: usize = 16;
@@ -105,6 +108,14 @@ pub fn start_module(
         heartbeats_rejected: None,
         replication: None,
     };
+    let replication = Replication::new(ctx, &config, &peer, node_index, events_tx.clone())?;
+    let (replication, replication_view, verify_tx, verify_rx) = match replication {
+        Some((r, view)) => {
+            let (tx, rx) = mpsc::channel(COMMAND_QUEUE_MAX);
+            (Some(r), Some(view), Some(tx), Some(rx))
+        }
+        None => (None, None, None, None),
+    };
     let env = ScriptEnv::new(&ctx.paths, &config.name, &ctx.node, Some(&peer), &config.user.vars);
     let supervisor = Supervisor {
         log: ModuleLog::new(&ctx.paths, &config.name),
@@ -119,11 +130,20 @@ pub fn start_module(
         events: events_rx,
         checkers: None,
         shutdown,
+        replication,
+        verify: verify_rx,
     };
     let rejected = Some(supervisor.heartbeats.counters());
     let task = tokio::spawn(supervisor.run());
     Ok((
-        ModuleHandle { view, snapshot: snapshot_rx, commands: commands_tx, rejected, replication: None, verify: None },
+        ModuleHandle {
+            view,
+            snapshot: snapshot_rx,
+            commands: commands_tx,
+            rejected,
+            replication: replication_view,
+            verify: verify_tx,
+        },
         task,
     ))
 }
@@ -141,6 +161,9 @@ struct Supervisor {
     events: mpsc::Receiver<Event>,
     checkers: Option<CheckerSet>,
     shutdown: watch::Receiver<bool>,
+    /// `None` when the module replicates no directory.
+    replication: Option<Replication>,
+    verify: Option<mpsc::Receiver<VerifyRequest>>,
 }
 
 impl Supervisor {
@@ -179,6 +202,12 @@ impl Supervisor {
                     }
                     None => commands_open = false,
                 },
+                Some(reply) = async { match &mut self.verify { Some(rx) => rx.recv().await, None => std::future::pending().await } } => {
+                    match &self.replication {
+                        Some(r) => r.verify(reply),
+                        None => { let _ = reply.send(Err("this module replicates no directory".into())); }
+                    }
+                }
                 changed = self.shutdown.changed(), if !shutting_down => {
                     if changed.is_err() || *self.shutdown.borrow() {
                         shutting_down = true;
@@ -189,6 +218,13 @@ impl Supervisor {
             self.execute().await;
         }
         self.checkers = None;
+        if let Some(mut r) = self.replication.take() {
+            tokio::task::block_in_place(|| {
+                if let Err(e) = r.set_role(DataRole::None) {
+                    self.log.line(LogLevel::Error, &e);
+                }
+            });
+        }
         self.log.line(LogLevel::Info, "supervisor ended");
     }
 
@@ -218,6 +254,20 @@ impl Supervisor {
         while let Some(action) = self.machine.poll_action() {
             match action {
                 Action::RunScript(script) => {
+                    // The data is mounted before the role's start script runs.
+                    let role = match script {
+                        Script::StartPrim => Some(DataRole::Source),
+                        Script::StartSecond => Some(DataRole::Target),
+                        _ => None,
+                    };
+                    if let Some(role) = role {
+                        if let Err(e) = self.set_data_role(role) {
+                            self.say(LogLevel::Error, &format!("{} not run: {e}", script.file_name()));
+                            let _ =
+                                self.events_tx.send(Event::ScriptDone { script, outcome: ScriptOutcome::Failed }).await;
+                            continue;
+                        }
+                    }
                     let paths = self.paths.clone();
                     let env = self.env.clone();
                     let user = self.config.user.clone();
@@ -238,19 +288,18 @@ impl Supervisor {
                         let _ = tx.send(Event::Witness { reachable }).await;
                     });
                 }
-                Action::StartResync { full } => {
-                    // This version replicates no data yet (scripts only): there is nothing to
-                    // copy, so the resync is complete at once.
-                    self.log.line(
-                        LogLevel::Info,
-                        &format!(
-                            "resync ({}) has no data to copy in this version",
-                            if full { "full" } else { "changes" }
-                        ),
-                    );
-                    let _ = self.events_tx.send(Event::ResyncDone { ok: true }).await;
+                Action::StartResync { full } => match &mut self.replication {
+                    Some(r) => r.request_resync(full),
+                    // Nothing is replicated: there is nothing to copy.
+                    None => {
+                        let _ = self.events_tx.send(Event::ResyncDone { ok: true }).await;
+                    }
+                },
+                Action::StopResync => {
+                    if let Some(r) = &mut self.replication {
+                        r.cancel_resync();
+                    }
                 }
-                Action::StopResync => {}
                 Action::Checkers(on) => {
                     self.checkers = on.then(|| {
                         spawn_checkers(
@@ -270,16 +319,36 @@ impl Supervisor {
                         tracing::error!(module = %self.config.name, "cannot write the state file {}: {e}", path.display());
                     }
                 }
-                Action::Log(level, text) => {
-                    self.log.line(level, &text);
-                    match level {
-                        LogLevel::Info => tracing::info!(module = %self.config.name, "{text}"),
-                        LogLevel::Warn => tracing::warn!(module = %self.config.name, "{text}"),
-                        LogLevel::Error => tracing::error!(module = %self.config.name, "{text}"),
-                    }
-                }
+                Action::Log(level, text) => self.say(level, &text),
             }
         }
-        self.snapshot_tx.send_replace(self.machine.snapshot());
+        let snapshot = self.machine.snapshot();
+        if self.replication.is_some() {
+            let wanted = Replication::wanted(&snapshot);
+            if let Err(e) = self.set_data_role(wanted) {
+                self.say(LogLevel::Error, &e);
+            }
+            if let Some(r) = &mut self.replication {
+                r.update(&snapshot);
+            }
+        }
+        self.snapshot_tx.send_replace(snapshot);
+    }
+
+    /// Mounts or unmounts the replicated data for `role` (blocking work, off the async path).
+    fn set_data_role(&mut self, role: DataRole) -> Result<(), String> {
+        match &mut self.replication {
+            Some(r) if r.role() != role => tokio::task::block_in_place(|| r.set_role(role)),
+            _ => Ok(()),
+        }
+    }
+
+    fn say(&self, level: LogLevel, text: &str) {
+        self.log.line(level, text);
+        match level {
+            LogLevel::Info => tracing::info!(module = %self.config.name, "{text}"),
+            LogLevel::Warn => tracing::warn!(module = %self.config.name, "{text}"),
+            LogLevel::Error => tracing::error!(module = %self.config.name, "{text}"),
+        }
     }
 }

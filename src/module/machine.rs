@@ -293,6 +293,7 @@ impl Module {
                 }
             }
             Event::ResyncDone { ok } => self.on_resync_done(ok),
+            Event::ReplicationLost { reason } => self.on_replication_lost(&reason),
         }
         self.evaluate(now);
     }
@@ -640,6 +641,20 @@ impl Module {
             }
         }
         self.next_script(now);
+    }
+
+    /// The peer no longer receives the changes. If it counts as an up-to-date secondary of
+    /// this generation, a new generation starts, so that it knows (from the next heartbeat)
+    /// that its data is no longer current and cannot take over with it.
+    fn on_replication_lost(&mut self, reason: &str) {
+        if !self.state.is_primary() {
+            return;
+        }
+        self.log(LogLevel::Warn, format!("replication to {} lost: {reason}", self.peer_name()));
+        if self.state == State::Prim || self.peer_in_sync_second_same_gen() {
+            self.log(LogLevel::Warn, "ALONE: the changes are tracked for the resync");
+            self.primary_without_peer();
+        }
     }
 
     fn on_resync_done(&mut self, ok: bool) {

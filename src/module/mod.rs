@@ -114,6 +114,9 @@ pub enum Event {
     /// The resync asked by [`Action::StartResync`] ended (`ok: false` when the peer refused it
     /// or it broke off).
     ResyncDone { ok: bool },
+    /// Primary: the real-time replication stream to the peer broke (the peer is unreachable on
+    /// the replication lan, refused an operation, or stopped answering); changes are tracked.
+    ReplicationLost { reason: String },
 }
 
 /// An output of the machine, executed by the supervisor.

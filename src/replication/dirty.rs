@@ -98,6 +98,15 @@ pub enum DirtyFile {
     Whole,
 }
 
+/// Sizes of the maps (see [`DirtyMaps::counts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DirtyCounts {
+    pub zones: u64,
+    pub files: u64,
+    pub namespace: u64,
+    pub full: bool,
+}
+
 /// A snapshot of the maps: what a resync must send.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct DirtySet {
@@ -993,6 +1002,19 @@ impl DirtyMaps {
         Ok(())
     }
 
+    /// Dirty zones, files marked whole, recorded namespace changes, and whether only a full
+    /// resync is safe: what `status` shows, without copying the set.
+    pub fn counts(&self) -> DirtyCounts {
+        let inner = self.lock();
+        let st = &inner.state;
+        DirtyCounts {
+            zones: st.zone_count as u64,
+            files: st.files.len() as u64,
+            namespace: st.namespace.len() as u64,
+            full: st.full.is_some() || st.orphans.is_some(),
+        }
+    }
+
     /// The peer acknowledged durably everything up to generation `upto`: forget it, except
     /// what was marked again since. Lazy: appended without fsync; callers may batch acks.
     pub fn clear_upto(&self, upto: u64) -> io::Result<()> {
@@ -1077,4 +1099,10 @@ fn write_compacted(dir: &Path, state: &mut State) -> io::Result<(File, u64)> {
     fsync_dir(dir)?;
     let log = OpenOptions::new().append(true).open(&path)?;
     Ok((log, buf.len() as u64))
+}
+
+impl super::sender::Tracker for DirtyMaps {
+    fn track(&self, op: &Op) -> io::Result<()> {
+        DirtyMaps::track(self, op)
+    }
 }

@@ -190,6 +190,13 @@ impl Mountover {
         self.fs.mode
     }
 
+    /// Runs `f` while no change can happen through this mount: every change in progress has
+    /// submitted its op before `f` starts, and new ones wait until it returns (reads go on).
+    pub fn paused<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _changes = write(&self.fs.namespace);
+        f()
+    }
+
     /// The FUSE connection number (`/sys/fs/fuse/connections/<conn>`).
     pub fn conn(&self) -> u32 {
         self.conn

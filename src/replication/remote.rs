@@ -18,6 +18,7 @@ use super::channel::{
 };
 use super::receiver::Receiver;
 use super::resync::{Entry, Kind, LocalTree, PeerFiles, HASH_BATCH_BLOCKS, TREE_DEPTH_MAX};
+use super::status::ResyncView;
 use super::{Op, RelPath};
 use crate::cluster::key::ClusterKey;
 use serde::{Deserialize, Serialize};
@@ -73,6 +74,16 @@ pub enum Request {
         path: RelPath,
     },
     Flush,
+    /// The source is about to bring the target up to date: is the target ready, and must
+    /// the resync be full? Answered [`Response::Begin`]; nothing is changed before.
+    Begin,
+    /// How far the resync is, for the target's `status` (answered `Done`).
+    Progress(ResyncView),
+    /// The resync is over: with `ok`, every change up to now is durable on the target and the
+    /// real-time stream carries the next ones (answered `Done`; the server then returns).
+    Finish {
+        ok: bool,
+    },
 }
 
 /// The server's answer to one [`Request`].
@@ -86,11 +97,41 @@ pub enum Response {
     },
     Hashes(Vec<u64>),
     Done,
+    /// The answer to [`Request::Begin`].
+    Begin(BeginAnswer),
     /// The request failed or was refused: one sentence, and the errno when there is one.
     Error {
         errno: Option<i32>,
         message: String,
     },
+}
+
+/// The target's answer to [`Request::Begin`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BeginAnswer {
+    /// Not yet (its state machine has not asked for data); ask again shortly.
+    NotReady,
+    /// Go on; `full`: compare everything (the target's own changes are unknown or diverge).
+    Ready { full: bool },
+}
+
+/// What the target does with the resync's control requests (the data requests it answers
+/// itself). Called on the serving thread.
+pub trait TargetHooks {
+    /// Before any change: may the resync start, and must it be full?
+    fn begin(&mut self) -> BeginAnswer;
+    fn progress(&mut self, view: ResyncView);
+    /// The source says the resync ended.
+    fn finish(&mut self, ok: bool);
+}
+
+/// How a served connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    /// The source sent [`Request::Finish`] with this `ok`.
+    Finished(bool),
+    /// The source closed the connection without finishing (a verify, or a broken resync).
+    Closed,
 }
 
 /// Why a resync connection ended: one sentence each.
@@ -175,6 +216,30 @@ impl RemotePeer {
     /// Ends the connection (the server returns).
     pub fn close(self) {
         self.channel.shutdown();
+    }
+
+    /// Asks the target whether it is ready and whether the resync must be full.
+    pub fn begin(&mut self) -> io::Result<BeginAnswer> {
+        match self.call(&Request::Begin)? {
+            Response::Begin(answer) => Ok(answer),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// Tells the target how far the resync is.
+    pub fn progress(&mut self, view: &ResyncView) -> io::Result<()> {
+        match self.call(&Request::Progress(view.clone()))? {
+            Response::Done => Ok(()),
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// Tells the target the resync ended (`ok`: it is up to date).
+    pub fn finish(&mut self, ok: bool) -> io::Result<()> {
+        match self.call(&Request::Finish { ok })? {
+            Response::Done => Ok(()),
+            _ => Err(unexpected()),
+        }
     }
 
     fn call(&mut self, request: &Request) -> io::Result<Response> {
@@ -308,8 +373,13 @@ impl PeerFiles for RemotePeer {
 /// Opens each replicated directory once and shares the fd between the [`Receiver`] (which
 /// applies ops) and the [`LocalTree`] (which reads entries and checksums).
 pub fn open_roots(dirs: &[PathBuf]) -> io::Result<(Receiver, LocalTree)> {
-    let mut for_receiver = Vec::with_capacity(dirs.len());
-    let mut for_tree = Vec::with_capacity(dirs.len());
+    roots_from_files(&open_root_files(dirs)?)
+}
+
+/// Opens each replicated directory (before a mountover hides it: the fds keep reaching the
+/// real directories afterwards).
+pub fn open_root_files(dirs: &[PathBuf]) -> io::Result<Vec<(PathBuf, File)>> {
+    let mut out = Vec::with_capacity(dirs.len());
     for d in dirs {
         let dir = File::open(d).map_err(|e| {
             io::Error::new(e.kind(), format!("cannot open the replicated directory {}: {e}", d.display()))
@@ -317,8 +387,18 @@ pub fn open_roots(dirs: &[PathBuf]) -> io::Result<(Receiver, LocalTree)> {
         if !dir.metadata()?.is_dir() {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("{} is not a directory", d.display())));
         }
+        out.push((d.clone(), dir));
+    }
+    Ok(out)
+}
+
+/// A [`Receiver`] and a [`LocalTree`] on copies of fds from [`open_root_files`].
+pub fn roots_from_files(roots: &[(PathBuf, File)]) -> io::Result<(Receiver, LocalTree)> {
+    let mut for_receiver = Vec::with_capacity(roots.len());
+    let mut for_tree = Vec::with_capacity(roots.len());
+    for (d, dir) in roots {
         for_tree.push(OwnedFd::from(dir.try_clone()?));
-        for_receiver.push((d.clone(), dir));
+        for_receiver.push((d.clone(), dir.try_clone()?));
     }
     Ok((Receiver::from_dirs(for_receiver), LocalTree::from_fds(for_tree)))
 }
@@ -328,6 +408,8 @@ struct Server {
     tree: LocalTree,
     /// The last directory listed, for the pages after the first.
     listing: Option<(RelPath, Vec<(String, Entry)>)>,
+    /// The target accepted a [`Request::Begin`]: changes are allowed.
+    begun: bool,
 }
 
 fn failed(e: io::Error, what: &str, path: &RelPath) -> Response {
@@ -421,6 +503,10 @@ impl Server {
                     Err(e) => failed(e, "checksum", &file),
                 }
             }
+            Request::Apply { .. } | Request::RemoveTree { .. } if !self.begun => Response::Error {
+                errno: Some(libc::EPERM),
+                message: "refused a change before the resync began (this target did not accept one)".to_string(),
+            },
             Request::Apply { op } => {
                 self.listing = None;
                 match self.receiver.apply(&op) {
@@ -461,6 +547,9 @@ impl Server {
                         message: format!("cannot flush the replicated directories: {e}"),
                     },
                 }
+            }
+            Request::Begin | Request::Progress(_) | Request::Finish { .. } => {
+                Response::Error { errno: None, message: "a control request reached the data server".to_string() }
             }
         }
     }
@@ -512,15 +601,21 @@ fn send_response(channel: &mut Channel, seq: u64, response: &Response) -> Result
 }
 
 /// Answers the requests of a [`RemotePeer`] on an accepted, authenticated channel until the
-/// client closes it (`Ok`) or breaks the protocol (`Err`, after telling it why). `tree` must
-/// be the same roots as `receiver` (see [`open_roots`]).
-pub fn serve_resync(mut channel: Channel, receiver: Receiver, tree: LocalTree) -> Result<(), RemoteError> {
-    let mut server = Server { receiver, tree, listing: None };
+/// client finishes or closes it (`Ok`) or breaks the protocol (`Err`, after telling it why).
+/// `tree` must be the same roots as `receiver` (see [`open_roots`]). Changes are refused
+/// until `hooks.begin` said ready.
+pub fn serve_resync(
+    mut channel: Channel,
+    receiver: Receiver,
+    tree: LocalTree,
+    hooks: &mut dyn TargetHooks,
+) -> Result<Served, RemoteError> {
+    let mut server = Server { receiver, tree, listing: None, begun: false };
     loop {
         let message = match channel.reader.poll() {
             Ok(Some(m)) => m,
             Ok(None) => continue,
-            Err(ChannelError::Closed) => return Ok(()),
+            Err(ChannelError::Closed) => return Ok(Served::Closed),
             Err(e) => return Err(e.into()),
         };
         let (seq, data) = match message {
@@ -539,8 +634,30 @@ pub fn serve_resync(mut channel: Channel, receiver: Receiver, tree: LocalTree) -
             Ok(r) => r,
             Err(_) => return Err(refuse(&mut channel, "a request does not decode")),
         };
-        let response = server.answer(request);
+        let finished = match &request {
+            Request::Finish { ok } => Some(*ok),
+            _ => None,
+        };
+        let response = match request {
+            Request::Begin => {
+                let answer = hooks.begin();
+                server.begun = matches!(answer, BeginAnswer::Ready { .. });
+                Response::Begin(answer)
+            }
+            Request::Progress(view) => {
+                hooks.progress(view);
+                Response::Done
+            }
+            Request::Finish { ok } => {
+                hooks.finish(ok && server.begun);
+                Response::Done
+            }
+            request => server.answer(request),
+        };
         send_response(&mut channel, seq, &response)?;
+        if let Some(ok) = finished {
+            return Ok(Served::Finished(ok && server.begun));
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 //! Layout:
 //! - `lab`: multi-host labs of network-namespace hosts (a wrapper over `tools/lab`), and
 //!   `wait_until`, the way tests wait for a condition.
+//! - `pair`: two lab hosts running `hamirror daemon`, modules installed in both.
 //! - `module_fixture`: a module directory in a temp home, for script and checker tests.
 //! - `resync_trees`: source/target trees and tree comparison for the resync tests.
 
@@ -11,4 +12,5 @@
 
 pub mod lab;
 pub mod module_fixture;
+pub mod pair;
 pub mod resync_trees;
