@@ -115,6 +115,7 @@ fn params(node_index: u8) -> ModuleParams {
         loop_interval: secs(60),
         witness_configured: false,
         witness_timeout: hamirror::module::witness_timeout(TIMEOUT),
+        replicated: false,
     }
 }
 
@@ -1093,4 +1094,29 @@ fn a_broken_replication_stream_makes_the_primary_alone_and_the_secondary_resync(
     assert_eq!(pair.resyncs_since(1, since), [false], "a changes-only resync");
     assert_eq!((pair.snap(0).state, pair.snap(1).state), (State::Prim, State::Second));
     assert!(pair.snap(1).in_sync);
+}
+
+// Proves that for a replicating module the primary stays ALONE, and a swap is refused, while
+// its in-sync secondary is not yet fed by the real-time stream; ReplicationUp makes it PRIM.
+#[test]
+fn a_replicating_primary_is_prim_only_once_the_stream_is_up() {
+    let mut pair = Pair::new(|p| p.replicated = true);
+    pair.boot(0);
+    pair.boot(1);
+    pair.run_for(ms(500));
+    pair.admin(0, AdminCommand::Start).unwrap();
+    pair.admin(1, AdminCommand::Start).unwrap();
+    pair.run_for(secs(3));
+    assert_eq!((pair.state(0), pair.state(1)), (State::Alone, State::Second));
+    assert!(pair.snap(1).in_sync, "the resync itself is done");
+    let err = pair.admin(0, AdminCommand::Swap).unwrap_err();
+    assert!(matches!(err, CommandError::Refused { command: "swap", .. }), "{err:?}");
+    pair.event(0, Event::ReplicationUp);
+    assert_eq!(pair.state(0), State::Prim);
+    // Losing the stream again: ALONE, and the stream must come up again before PRIM.
+    pair.event(0, Event::ReplicationLost { reason: "test".into() });
+    pair.run_for(secs(3));
+    assert_eq!((pair.state(0), pair.state(1)), (State::Alone, State::Second));
+    pair.event(0, Event::ReplicationUp);
+    assert_eq!(pair.state(0), State::Prim);
 }

@@ -155,6 +155,7 @@ fn params(
         loop_interval: Duration::from_secs(60),
         witness_configured: witness,
         witness_timeout: hamirror::module::witness_timeout(timeout),
+        replicated: false,
     }
 }
 

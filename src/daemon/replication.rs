@@ -245,14 +245,15 @@ impl Shared {
         }
     }
 
-    /// Hands an event to the module's machine from a plain thread.
+    /// Hands an event to the module's machine from a plain thread, without blocking (the
+    /// sender's absence handler must return quickly), in order in all but a full queue.
     fn event(&self, event: Event) {
-        let events = self.events.clone();
-        // `blocking_send` must not run on the runtime's threads; these callers are plain
-        // threads, but the sender's absence handler must also return quickly.
-        let _ = std::thread::Builder::new().name("repl-event".into()).spawn(move || {
-            let _ = events.blocking_send(event);
-        });
+        if let Err(mpsc::error::TrySendError::Full(event)) = self.events.try_send(event) {
+            let events = self.events.clone();
+            let _ = std::thread::Builder::new().name("repl-event".into()).spawn(move || {
+                let _ = events.blocking_send(event);
+            });
+        }
     }
 
     fn unclean_marker(&self) -> PathBuf {
@@ -780,6 +781,7 @@ impl JoinContext {
                     ),
                 );
                 self.shared.finished(summary(true, None));
+                self.shared.event(Event::ReplicationUp);
                 JoinOutcome::Done
             }
             Ok(false) => {

@@ -139,6 +139,8 @@ pub struct Module {
     freeze_grace_used: bool,
     /// SECOND: the data equals the primary's.
     in_sync: bool,
+    /// Primary of a replicating module: the join finished and the real-time stream is up.
+    replication_up: bool,
     resync_running: bool,
     full_resync: bool,
     run: Option<Run>,
@@ -189,6 +191,7 @@ impl Module {
             peer_lost: false,
             freeze_grace_used: false,
             in_sync: false,
+            replication_up: false,
             resync_running: false,
             full_resync: false,
             run: None,
@@ -294,6 +297,7 @@ impl Module {
             }
             Event::ResyncDone { ok } => self.on_resync_done(ok),
             Event::ReplicationLost { reason } => self.on_replication_lost(&reason),
+            Event::ReplicationUp => self.replication_up = true,
         }
         self.evaluate(now);
     }
@@ -650,6 +654,7 @@ impl Module {
         if !self.state.is_primary() {
             return;
         }
+        self.replication_up = false;
         self.log(LogLevel::Warn, format!("replication to {} lost: {reason}", self.peer_name()));
         if self.state == State::Prim || self.peer_in_sync_second_same_gen() {
             self.log(LogLevel::Warn, "ALONE: the changes are tracked for the resync");
@@ -1045,7 +1050,7 @@ impl Module {
         let peer_in_sync = peer.state == State::Second && peer.in_sync && rel == Relation::Same;
         let mut rejoined = false;
         match self.state {
-            State::Alone if peer_in_sync => {
+            State::Alone if peer_in_sync && self.peer_fed() => {
                 self.state = State::Prim;
                 rejoined = true;
                 self.log(LogLevel::Info, format!("{} is an up-to-date secondary: PRIM", self.peer_name()));
@@ -1397,11 +1402,13 @@ impl Module {
                 }
             }
             Goal::Primary => {
-                self.state = if self.peer_in_sync_second_same_gen() { State::Prim } else { State::Alone };
+                self.state =
+                    if self.peer_in_sync_second_same_gen() && self.peer_fed() { State::Prim } else { State::Alone };
                 self.actions.push_back(Action::Checkers(true));
                 self.log(LogLevel::Info, format!("{} (generation {})", self.state, self.generation_name()));
             }
             Goal::Secondary { resync, full } => {
+                self.replication_up = false;
                 self.state = State::Second;
                 self.in_sync = !resync;
                 self.full_resync = full;
@@ -1411,11 +1418,13 @@ impl Module {
                 }
             }
             Goal::Wait(reason) => {
+                self.replication_up = false;
                 self.admin_primary = false;
                 self.state = State::Wait;
                 self.set_wait_reason(reason);
             }
             Goal::Stop | Goal::StopThenStart => {
+                self.replication_up = false;
                 self.admin_primary = false;
                 self.state = State::Stop;
                 self.wait_reason = None;
@@ -1537,6 +1546,11 @@ impl Module {
 
     fn peer_in_sync_second(&self) -> bool {
         self.peer_visible() && self.peer.as_ref().is_some_and(|p| p.state == State::Second && p.in_sync)
+    }
+
+    /// The secondary gets every change (always, for a module that replicates nothing).
+    fn peer_fed(&self) -> bool {
+        !self.params.replicated || self.replication_up
     }
 
     fn peer_in_sync_second_same_gen(&self) -> bool {

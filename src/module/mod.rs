@@ -33,6 +33,9 @@ pub struct ModuleParams {
     pub witness_configured: bool,
     /// How long the witnesses get to answer (see [`witness_timeout`]).
     pub witness_timeout: Duration,
+    /// The module replicates directories: a primary counts its secondary as fed (PRIM) only
+    /// once [`Event::ReplicationUp`] said the real-time stream carries every change.
+    pub replicated: bool,
 }
 
 /// How long the witnesses get to answer a ping: a third of the heartbeat timeout, within
@@ -57,6 +60,7 @@ impl ModuleParams {
             maxloop: config.failover.maxloop,
             loop_interval: config.failover.loop_interval,
             witness_configured: config.splitbrain.is_some(),
+            replicated: config.rfs.is_some(),
             witness_timeout: witness_timeout(config.heart.timeout),
         }
     }
@@ -117,6 +121,8 @@ pub enum Event {
     /// Primary: the real-time replication stream to the peer broke (the peer is unreachable on
     /// the replication lan, refused an operation, or stopped answering); changes are tracked.
     ReplicationLost { reason: String },
+    /// Primary: the peer is up to date and the real-time stream carries every change.
+    ReplicationUp,
 }
 
 /// An output of the machine, executed by the supervisor.
