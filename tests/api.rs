@@ -1,5 +1,6 @@
 //! The admin HTTP API against a hand-built Control whose modules are fake tasks: every
-//! endpoint, status codes, bad requests, the token on TCP, the health check, and `serve`.
+//! endpoint, status codes, bad requests, the token on TCP, the health check, verify, and
+//! `serve`.
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::Path;
@@ -9,9 +10,10 @@ use std::time::Duration;
 use hamirror::api::{router, serve};
 use hamirror::cli::client::{Client, Endpoint, Response};
 use hamirror::config::ModuleMode;
-use hamirror::daemon::control::{Control, ModuleHandle, ModuleRequest, ModuleView, ReloadReport};
+use hamirror::daemon::control::{Control, ModuleHandle, ModuleRequest, ModuleView, ReloadReport, VerifyRequest};
 use hamirror::module::{AdminCommand, CommandError, LanStatus, Role, Snapshot, State, Transition};
 use hamirror::paths::Paths;
+use hamirror::replication::status::{DataRole, Difference, DifferenceKind, ReplicationView, VerifyReport};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch, RwLock};
 
@@ -344,6 +346,149 @@ async fn unknown_routes_answer_json() {
     assert_eq!(error(&r).0, 405);
     let r = call(&ep, None, "GET", "/api/v1/modules/web01/stop", None).await;
     assert_eq!(error(&r).0, 405);
+}
+
+/// A replicated module whose verify answers `answer` to every request, once `release` is
+/// dropped or sent (`None`: at once). Its replication view is `rep`.
+fn replicated(
+    name: &str,
+    rep: ReplicationView,
+    answer: Result<VerifyReport, String>,
+    release: Option<oneshot::Receiver<()>>,
+    asked: Option<oneshot::Sender<()>>,
+) -> (ModuleHandle, watch::Sender<ReplicationView>) {
+    let (handle, snap_tx) = fake_module(name, State::Prim, Arc::new(Mutex::new(Vec::new())));
+    std::mem::forget(snap_tx);
+    let (rep_tx, rep_rx) = watch::channel(rep);
+    let (verify_tx, mut verify_rx) = mpsc::channel::<VerifyRequest>(4);
+    tokio::spawn(async move {
+        let (mut release, mut asked) = (release, asked);
+        while let Some(reply) = verify_rx.recv().await {
+            if let Some(asked) = asked.take() {
+                let _ = asked.send(());
+            }
+            if let Some(release) = release.take() {
+                let _ = release.await;
+            }
+            let _ = reply.send(answer.clone());
+        }
+    });
+    (ModuleHandle { replication: Some(rep_rx), verify: Some(verify_tx), ..handle }, rep_tx)
+}
+
+fn report(differences: Vec<Difference>) -> VerifyReport {
+    VerifyReport { files_compared: 3, bytes_compared: 3 << 30, elapsed_ms: 64_000, differences, truncated: false }
+}
+
+fn content_difference() -> Difference {
+    Difference {
+        dir: "/srv/web01".into(),
+        path: "disk.img".into(),
+        kind: DifferenceKind::Content,
+        ranges: vec![(0, 4096), (1_048_576, 1_052_672)],
+    }
+}
+
+// verify answers the module's report, equal or not; a failed verify and a module without
+// replication are 409 with the sentence, unknown modules 404, broken or ended ones 503;
+// GET shows the replication view.
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_answers_the_report_and_maps_errors() {
+    let f = fake();
+    let rep = ReplicationView { role: DataRole::Source, mode: "sync".into(), connected: true, ..Default::default() };
+    let (same, _same_rep) = replicated("same", rep.clone(), Ok(report(vec![])), None, None);
+    let differing = report(vec![content_difference()]);
+    let (differ, _differ_rep) = replicated("differ", rep.clone(), Ok(differing.clone()), None, None);
+    let (failing, _failing_rep) =
+        replicated("failing", rep.clone(), Err("the peer is not connected".into()), None, None);
+    // A module whose replication task has ended: the verify channel is closed.
+    let (ended, _ended_rep) = replicated("ended", rep.clone(), Ok(report(vec![])), None, None);
+    let (closed_tx, closed_rx) = mpsc::channel(1);
+    drop(closed_rx);
+    let ended = ModuleHandle { verify: Some(closed_tx), ..ended };
+    {
+        let mut c = f.control.write().await;
+        for (name, handle) in [("same", same), ("differ", differ), ("failing", failing), ("ended", ended)] {
+            c.running.insert(name.into(), handle);
+        }
+    }
+    let ep = listen(f.control.clone(), None).await;
+
+    let r = call(&ep, None, "POST", "/api/v1/modules/same/verify", None).await;
+    assert_eq!((r.status, r.json::<VerifyReport>().unwrap()), (200, report(vec![])));
+    let r = call(&ep, None, "POST", "/api/v1/modules/differ/verify", Some("{}")).await;
+    assert_eq!((r.status, r.json::<VerifyReport>().unwrap()), (200, differing));
+    assert_eq!(json(&r)["differences"][0]["kind"], "content", "the report's JSON is the contract");
+
+    let r = call(&ep, None, "POST", "/api/v1/modules/failing/verify", None).await;
+    assert_eq!(error(&r), (409, "verify of module failing failed: the peer is not connected".into()));
+    let r = call(&ep, None, "POST", "/api/v1/modules/web01/verify", None).await;
+    assert_eq!(error(&r), (409, "module web01 replicates no directory: there is nothing to verify".into()));
+    let r = call(&ep, None, "POST", "/api/v1/modules/nope/verify", None).await;
+    assert_eq!(error(&r), (404, "no module named nope is installed".into()));
+    let r = call(&ep, None, "POST", "/api/v1/modules/bad/verify", None).await;
+    assert_eq!(error(&r).0, 503);
+    let r = call(&ep, None, "POST", "/api/v1/modules/ended/verify", None).await;
+    assert_eq!(error(&r).0, 503);
+    let r = call(&ep, None, "POST", "/api/v1/modules/same/verify", Some(r#"{"deep":true}"#)).await;
+    let (status, e) = error(&r);
+    assert_eq!(status, 400);
+    assert!(e.starts_with("the body of verify must be empty or {}"), "{e}");
+    let r = call(&ep, None, "GET", "/api/v1/modules/same/verify", None).await;
+    assert_eq!(error(&r).0, 405);
+    assert!(f.seen.lock().unwrap().is_empty(), "verify went to the command channel");
+
+    // The six commands still reach the module beside the verify route.
+    let r = call(&ep, None, "POST", "/api/v1/modules/same/stop", None).await;
+    assert_eq!(r.status, 200);
+
+    let r = call(&ep, None, "GET", "/api/v1/modules/same", None).await;
+    let v: ModuleView = r.json().unwrap();
+    assert_eq!(v.replication, Some(rep));
+    assert_eq!(json(&r)["replication"]["role"], "source");
+    let r = call(&ep, None, "GET", "/api/v1/modules/web01", None).await;
+    assert!(json(&r)["replication"].is_null());
+}
+
+// On TCP, verify needs the token like every POST.
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_needs_the_token_on_tcp() {
+    let f = fake();
+    let (same, _rep) = replicated("same", ReplicationView::default(), Ok(report(vec![])), None, None);
+    f.control.write().await.running.insert("same".into(), same);
+    let ep = listen(f.control.clone(), Some(TOKEN)).await;
+    for token in [None, Some("wrong")] {
+        let r = call(&ep, token, "POST", "/api/v1/modules/same/verify", None).await;
+        assert_eq!(error(&r).0, 401, "{token:?}");
+    }
+    let r = call(&ep, Some(TOKEN), "POST", "/api/v1/modules/same/verify", None).await;
+    assert_eq!(r.status, 200);
+}
+
+// A verify in progress holds no lock: a reload (which takes the write lock) and reads go on
+// while it runs.
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_in_progress_does_not_block_the_daemon() {
+    let f = fake();
+    let (release_tx, release_rx) = oneshot::channel();
+    let (asked_tx, asked_rx) = oneshot::channel();
+    let (slow, _rep) =
+        replicated("slow", ReplicationView::default(), Ok(report(vec![])), Some(release_rx), Some(asked_tx));
+    f.control.write().await.running.insert("slow".into(), slow);
+    let ep = listen(f.control.clone(), None).await;
+    let pending = tokio::spawn({
+        let ep = ep.clone();
+        async move { call(&ep, None, "POST", "/api/v1/modules/slow/verify", None).await }
+    });
+    tokio::time::timeout(Duration::from_secs(10), asked_rx).await.unwrap().unwrap();
+    let write = tokio::time::timeout(Duration::from_secs(10), f.control.write()).await;
+    drop(write.expect("the write lock is free while a verify runs"));
+    let r = tokio::time::timeout(Duration::from_secs(10), call(&ep, None, "GET", "/api/v1/modules", None)).await;
+    assert_eq!(r.unwrap().status, 200);
+    assert!(!pending.is_finished());
+    release_tx.send(()).unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(10), pending).await.unwrap().unwrap();
+    assert_eq!(r.status, 200);
 }
 
 async fn wait_for_socket(p: &Path) {

@@ -28,6 +28,8 @@ pub enum ApiError {
     NotPrimary { module: String, state: String },
     #[error("module {module} did not answer the {command} command within {seconds} s; it may still apply it")]
     CommandTimeout { module: String, command: &'static str, seconds: u64 },
+    #[error("the verify of module {module} did not finish within {seconds} s")]
+    VerifyTimeout { module: String, seconds: u64 },
     #[error("this daemon cannot load or drop modules while it runs; restart it instead")]
     ReloadUnavailable,
     #[error("the daemon did not finish reloading within {0} s")]
@@ -49,7 +51,9 @@ impl ApiError {
             ApiError::NotFound(_) | ApiError::NotPrimary { .. } => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::CommandTimeout { .. } | ApiError::ReloadTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::CommandTimeout { .. } | ApiError::VerifyTimeout { .. } | ApiError::ReloadTimeout(_) => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
             ApiError::ReloadUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -15,12 +15,15 @@ use serde::Deserialize;
 use tokio::sync::{oneshot, RwLock};
 
 use super::error::ApiError;
-use crate::daemon::control::{Control, ControlError, ModuleRequest, ModuleView, ReloadReport};
+use crate::daemon::control::{Control, ControlError, ModuleHandle, ModuleRequest, ModuleView, ReloadReport};
 use crate::daemon::logs;
 use crate::module::AdminCommand;
+use crate::replication::status::VerifyReport;
 
 /// How long a command waits for the module's answer.
 pub const COMMAND_REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long `POST /api/v1/modules/{m}/verify` waits for the report: it reads both copies.
+pub const VERIFY_TIMEOUT: Duration = Duration::from_secs(3600);
 /// How long `POST /api/v1/reload` waits for the daemon's report.
 pub const RELOAD_TIMEOUT: Duration = Duration::from_secs(120);
 /// Lines returned by the log endpoint when `n` is not given.
@@ -87,21 +90,7 @@ pub(super) async fn command(
     let command = parse_command(&command, &body)?;
     // Take the module's channel and let go of the lock before waiting: a slow module must
     // not hold up reloads or other modules' requests.
-    let sender = {
-        let control = app.control.read().await;
-        match control.running.get(&name) {
-            Some(handle) => handle.commands.clone(),
-            None => {
-                return Err(match control.broken.get(&name) {
-                    Some(view) => {
-                        ControlError::Broken { name: name.clone(), error: view.error.clone().unwrap_or_default() }
-                    }
-                    None => ControlError::UnknownModule(name.clone()),
-                }
-                .into())
-            }
-        }
-    };
+    let sender = running(&*app.control.read().await, &name)?.commands.clone();
     let command_name = command.name();
     let exchange = async {
         let (reply, answer) = oneshot::channel();
@@ -117,6 +106,44 @@ pub(super) async fn command(
             seconds: COMMAND_REPLY_TIMEOUT.as_secs(),
         }),
     }
+}
+
+/// Compares both copies of the module's data and answers the report. The same exchange as
+/// [`Control::verify`], but with the lock let go before waiting: a comparison takes minutes,
+/// and a reload queued behind it would hold up every other request meanwhile.
+pub(super) async fn verify(
+    State(app): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<VerifyReport>, ApiError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct NoOptions {}
+    let Path(name) = path.map_err(bad_path)?;
+    let body = body.map_err(|e| ApiError::BadRequest(format!("cannot read the request body: {e}")))?;
+    let NoOptions {} = parse_body(&body, "the body of verify must be empty or {}")?;
+    let sender = running(&*app.control.read().await, &name)?.verify.clone();
+    let sender = sender.ok_or_else(|| ControlError::NotReplicated(name.clone()))?;
+    let exchange = async {
+        let (reply, answer) = oneshot::channel();
+        sender.send(reply).await.map_err(|_| ControlError::Gone(name.clone()))?;
+        answer
+            .await
+            .map_err(|_| ControlError::Gone(name.clone()))?
+            .map_err(|error| ControlError::Verify { name: name.clone(), error })
+    };
+    match tokio::time::timeout(VERIFY_TIMEOUT, exchange).await {
+        Ok(report) => Ok(Json(report?)),
+        Err(_) => Err(ApiError::VerifyTimeout { module: name, seconds: VERIFY_TIMEOUT.as_secs() }),
+    }
+}
+
+/// The handle of a running module, or why there is none.
+fn running<'a>(control: &'a Control, name: &str) -> Result<&'a ModuleHandle, ControlError> {
+    control.running.get(name).ok_or_else(|| match control.broken.get(name) {
+        Some(view) => ControlError::Broken { name: name.to_string(), error: view.error.clone().unwrap_or_default() },
+        None => ControlError::UnknownModule(name.to_string()),
+    })
 }
 
 /// The command named in the path, with its optional JSON body.

@@ -11,6 +11,7 @@
 //! | `GET /api/v1/modules` | `[ModuleView]` |
 //! | `GET /api/v1/modules/{m}` | `ModuleView`, 404 |
 //! | `POST /api/v1/modules/{m}/{command}` | `{"ok":true}`; 400 bad body, 404, 409 refused, 503 broken |
+//! | `POST /api/v1/modules/{m}/verify` | `VerifyReport` (waits up to an hour); 404, 409 not replicated or failed, 503 |
 //! | `GET /api/v1/modules/{m}/log?n=100&user=false` | `["line", ...]` |
 //! | `POST /api/v1/reload` | `ReloadReport` |
 //! | `GET /health/{m}` | `OK\n` when ALONE or PRIM, else 404 |
@@ -21,7 +22,7 @@ pub mod error;
 mod handlers;
 
 pub use error::ApiError;
-pub use handlers::{parse_command, COMMANDS, LOG_LINES_DEFAULT, LOG_LINES_MAX};
+pub use handlers::{parse_command, COMMANDS, LOG_LINES_DEFAULT, LOG_LINES_MAX, VERIFY_TIMEOUT};
 
 use std::future::{Future, IntoFuture};
 use std::io;
@@ -52,6 +53,7 @@ fn router_with_hint(control: Arc<RwLock<Control>>, token: Option<String>, hint: 
         .route("/api/v1/modules", get(handlers::list))
         .route("/api/v1/modules/{m}", get(handlers::get_module))
         .route("/api/v1/modules/{m}/log", get(handlers::log))
+        .route("/api/v1/modules/{m}/verify", post(handlers::verify))
         .route("/api/v1/modules/{m}/{command}", post(handlers::command))
         .route("/api/v1/reload", post(handlers::reload))
         .route("/health/{m}", get(handlers::health))

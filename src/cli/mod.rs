@@ -9,7 +9,10 @@
 
 pub mod client;
 mod modules;
+mod resync;
 mod status;
+mod units;
+mod verify;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -95,6 +98,24 @@ pub enum Command {
         /// Ask for a full resync.
         #[arg(long)]
         full: bool,
+    },
+    /// Follow the module's resync on this node until its data is in sync: a progress bar on
+    /// a terminal (bytes, rate, ETA, files, pass), a line every 2 s otherwise.
+    Resync {
+        module: String,
+        /// First ask this node, secondary, for a full resync (`second --full`).
+        #[arg(long)]
+        full: bool,
+        /// Print the module's replication as JSON, one line each time it changes.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compare both copies of the module's data online; the exit code is 1 when they differ.
+    Verify {
+        module: String,
+        /// Print the daemon's report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Print the last lines of a module's log.
     Log {
@@ -200,6 +221,8 @@ pub fn run(cli: Cli) -> Result<i32, Failure> {
         Command::Swap { module } => admin(&ctx, &module, "swap", None),
         Command::Prim { module, force } => admin(&ctx, &module, "prim", Some(serde_json::json!({ "force": force }))),
         Command::Second { module, full } => admin(&ctx, &module, "second", Some(serde_json::json!({ "full": full }))),
+        Command::Resync { module, full, json } => resync::resync(&ctx, &module, full, json),
+        Command::Verify { module, json } => verify::verify(&ctx, &module, json),
         Command::Log { module, user, lines } => log(&ctx, &module, user, lines),
         Command::Module { command } => match command {
             ModuleCommand::Install { source, name } => modules::install(&ctx, &source, name.as_deref()),
@@ -361,6 +384,8 @@ mod tests {
         Cli::try_parse_from(["hamirror", "--api", "h:1", "status", "--json"]).unwrap();
         Cli::try_parse_from(["hamirror", "module", "install", "mirror", "--name", "x"]).unwrap();
         Cli::try_parse_from(["hamirror", "daemon", "--listen", "none"]).unwrap();
+        Cli::try_parse_from(["hamirror", "resync", "web01", "--full", "--json"]).unwrap();
+        Cli::try_parse_from(["hamirror", "verify", "web01", "--json"]).unwrap();
         assert!(Cli::try_parse_from(["hamirror", "vm", "register", "d"]).is_err());
     }
 }
