@@ -15,7 +15,7 @@ use serde::Deserialize;
 use tokio::sync::{oneshot, RwLock};
 
 use super::error::ApiError;
-use crate::daemon::control::{Control, ControlError, ModuleHandle, ModuleRequest, ModuleView, ReloadReport};
+use crate::daemon::control::{Control, ControlError, ModuleRequest, ModuleView, ReloadReport};
 use crate::daemon::logs;
 use crate::module::AdminCommand;
 use crate::replication::status::VerifyReport;
@@ -90,7 +90,7 @@ pub(super) async fn command(
     let command = parse_command(&command, &body)?;
     // Take the module's channel and let go of the lock before waiting: a slow module must
     // not hold up reloads or other modules' requests.
-    let sender = running(&*app.control.read().await, &name)?.commands.clone();
+    let sender = app.control.read().await.running(&name)?.commands.clone();
     let command_name = command.name();
     let exchange = async {
         let (reply, answer) = oneshot::channel();
@@ -108,9 +108,9 @@ pub(super) async fn command(
     }
 }
 
-/// Compares both copies of the module's data and answers the report. The same exchange as
-/// [`Control::verify`], but with the lock let go before waiting: a comparison takes minutes,
-/// and a reload queued behind it would hold up every other request meanwhile.
+/// Compares both copies of the module's data and answers the report. The lock on [`Control`]
+/// is let go before waiting: a comparison takes minutes, and a reload queued behind it would
+/// hold up every other request meanwhile.
 pub(super) async fn verify(
     State(app): State<AppState>,
     path: Result<Path<String>, PathRejection>,
@@ -122,7 +122,7 @@ pub(super) async fn verify(
     let Path(name) = path.map_err(bad_path)?;
     let body = body.map_err(|e| ApiError::BadRequest(format!("cannot read the request body: {e}")))?;
     let NoOptions {} = parse_body(&body, "the body of verify must be empty or {}")?;
-    let sender = running(&*app.control.read().await, &name)?.verify.clone();
+    let sender = app.control.read().await.running(&name)?.verify.clone();
     let sender = sender.ok_or_else(|| ControlError::NotReplicated(name.clone()))?;
     let exchange = async {
         let (reply, answer) = oneshot::channel();
@@ -136,14 +136,6 @@ pub(super) async fn verify(
         Ok(report) => Ok(Json(report?)),
         Err(_) => Err(ApiError::VerifyTimeout { module: name, seconds: VERIFY_TIMEOUT.as_secs() }),
     }
-}
-
-/// The handle of a running module, or why there is none.
-fn running<'a>(control: &'a Control, name: &str) -> Result<&'a ModuleHandle, ControlError> {
-    control.running.get(name).ok_or_else(|| match control.broken.get(name) {
-        Some(view) => ControlError::Broken { name: name.to_string(), error: view.error.clone().unwrap_or_default() },
-        None => ControlError::UnknownModule(name.to_string()),
-    })
 }
 
 /// The command named in the path, with its optional JSON body.

@@ -108,33 +108,20 @@ impl Control {
         self.broken.get(name).cloned()
     }
 
+    /// The handle of a running module, or why there is none.
+    pub fn running(&self, name: &str) -> Result<&ModuleHandle, ControlError> {
+        self.running.get(name).ok_or_else(|| match self.broken.get(name) {
+            Some(v) => ControlError::Broken { name: name.to_string(), error: v.error.clone().unwrap_or_default() },
+            None => ControlError::UnknownModule(name.to_string()),
+        })
+    }
+
     pub async fn command(&self, name: &str, command: AdminCommand) -> Result<(), ControlError> {
-        let Some(h) = self.running.get(name) else {
-            return Err(match self.broken.get(name) {
-                Some(v) => ControlError::Broken { name: name.to_string(), error: v.error.clone().unwrap_or_default() },
-                None => ControlError::UnknownModule(name.to_string()),
-            });
-        };
+        let h = self.running(name)?;
         let (reply, rx) = oneshot::channel();
         h.commands.send(ModuleRequest { command, reply }).await.map_err(|_| ControlError::Gone(name.to_string()))?;
         rx.await.map_err(|_| ControlError::Gone(name.to_string()))??;
         Ok(())
-    }
-
-    /// Compares the primary's copy of the module's data with the secondary's, online.
-    pub async fn verify(&self, name: &str) -> Result<VerifyReport, ControlError> {
-        let Some(h) = self.running.get(name) else {
-            return Err(match self.broken.get(name) {
-                Some(v) => ControlError::Broken { name: name.to_string(), error: v.error.clone().unwrap_or_default() },
-                None => ControlError::UnknownModule(name.to_string()),
-            });
-        };
-        let Some(verify) = &h.verify else { return Err(ControlError::NotReplicated(name.to_string())) };
-        let (reply, rx) = oneshot::channel();
-        verify.send(reply).await.map_err(|_| ControlError::Gone(name.to_string()))?;
-        rx.await
-            .map_err(|_| ControlError::Gone(name.to_string()))?
-            .map_err(|error| ControlError::Verify { name: name.to_string(), error })
     }
 
     /// The module's daemon log, or with `user` its scripts' output.
