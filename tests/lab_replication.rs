@@ -95,3 +95,64 @@ fn a_secondary_that_was_stopped_gets_only_the_changes() {
     sh(&pair, "hostA", &format!("echo after > {dir}/after && sync {dir}/after"));
     assert_eq!(fs::read_to_string(pair.data_dir("hostB", MODULE).join("after")).unwrap(), "after\n");
 }
+
+#[test]
+fn verify_finds_a_damaged_block_and_says_identical_otherwise() {
+    // Proves: `hamirror verify` on the primary says the copies are identical (exit 0) on a pair in sync, and after a block of the secondary's real file is damaged behind hamirror's back it lists that file's content difference (exit 1).
+    let pair = data_pair();
+    let dir = format!("{DATA_DIR}/{MODULE}");
+    sh(&pair, "hostA", &format!("dd if=/dev/urandom of={dir}/disk.img bs=1M count=4 conv=fsync status=none"));
+    let out = pair.run("hostA", &["verify", MODULE]);
+    assert!(out.contains("identical"), "{out}");
+    let real = pair.data_dir("hostB", MODULE).join("disk.img");
+    let f = fs::OpenOptions::new().write(true).open(&real).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"damage", (2 << 20) + 10).unwrap();
+    f.sync_all().unwrap();
+    let out = pair.exec("hostA", &["verify", MODULE]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("disk.img") && stdout.contains("content differs"), "{stdout}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("differ in 1 place"), "{out:?}");
+}
+
+#[test]
+fn split_brain_loser_keeps_its_changes_aside() {
+    // Proves: without a witness a full split makes both nodes ALONE and both write; on reconnection the old primary wins, the loser saves its own changes in a dated folder beside its state directory before the full resync overwrites them, says where in its log and status, and the copies end identical.
+    let pair = data_pair();
+    let dir = format!("{DATA_DIR}/{MODULE}");
+    sh(&pair, "hostA", &format!("echo common > {dir}/note && sync {dir}/note"));
+    pair.lab.cut("all", Some("hostA"));
+    pair.wait_states(MODULE, ("hostA", "ALONE"), ("hostB", "ALONE"), DEADLINE);
+    sh(&pair, "hostA", &format!("echo from-hostA > {dir}/note && sync {dir}/note"));
+    sh(&pair, "hostB", &format!("echo from-hostB > {dir}/note && echo only-B > {dir}/b-file && sync {dir}"));
+    pair.lab.heal("all", Some("hostA"));
+    pair.wait_states(MODULE, ("hostA", "PRIM"), ("hostB", "SECOND"), DEADLINE);
+    let saved = wait_until("hostB to say where its changes are", DEADLINE, || {
+        replication(&pair, "hostB")["split_brain_saved"].as_str().map(str::to_string)
+    });
+    assert!(saved.starts_with(&format!("{SPLITBRAIN_DIR}/{MODULE}/")), "{saved}");
+    let outside = pair.host_path("hostB", &saved);
+    let copy = |name: &str| fs::read_to_string(outside.join(format!("0-{MODULE}")).join(name)).unwrap();
+    assert_eq!(copy("note"), "from-hostB\n");
+    assert_eq!(copy("b-file"), "only-B\n");
+    assert!(pair.module_log("hostB", MODULE).contains(&saved), "the log names the folder");
+    assert_eq!(fs::read_to_string(pair.data_dir("hostB", MODULE).join("note")).unwrap(), "from-hostA\n");
+    assert!(!pair.data_dir("hostB", MODULE).join("b-file").exists());
+    assert_same_data(&pair.data_dir("hostA", MODULE), &pair.data_dir("hostB", MODULE));
+}
+
+#[test]
+fn resync_full_on_the_secondary_is_followed_to_the_end() {
+    // Proves: `hamirror resync MODULE --full` run on the secondary asks a full resync, follows it and exits 0 once this node is an up-to-date SECOND again, the primary having compared everything; the copies are identical.
+    let pair = data_pair();
+    let dir = format!("{DATA_DIR}/{MODULE}");
+    sh(&pair, "hostA", &format!("dd if=/dev/urandom of={dir}/disk.img bs=1M count=16 conv=fsync status=none"));
+    let before = replication(&pair, "hostA")["last_resync"]["ended_at"].as_u64().unwrap_or(0);
+    let out = pair.run("hostB", &["resync", MODULE, "--full"]);
+    assert!(out.contains("in sync"), "{out}");
+    let r = last_resync(&pair, "hostA");
+    assert_eq!(r["full"], Value::Bool(true), "{r}");
+    assert!(r["ended_at"].as_u64().unwrap() >= before);
+    assert_eq!(pair.settled("hostB", MODULE).as_deref(), Some("SECOND"));
+    assert_same_data(&pair.data_dir("hostA", MODULE), &pair.data_dir("hostB", MODULE));
+}

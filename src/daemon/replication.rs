@@ -297,6 +297,9 @@ fn remove_marker(path: &Path) -> io::Result<()> {
 pub struct Replication {
     shared: Arc<Shared>,
     role: Role,
+    /// What the machine asked of this node as a target; kept across roles, since the machine
+    /// may ask for a resync while the target role is still being set up.
+    target: Arc<Mutex<TargetState>>,
 }
 
 enum Role {
@@ -353,17 +356,19 @@ impl Replication {
             events,
             log: ModuleLog::new(paths, &config.name),
         };
-        Ok(Some((Replication { shared: Arc::new(shared), role: Role::None }, view_rx)))
+        let target = Arc::new(Mutex::new(TargetState::default()));
+        Ok(Some((Replication { shared: Arc::new(shared), role: Role::None, target }, view_rx)))
     }
 
     /// The role the machine's state calls for.
     pub fn wanted(snapshot: &Snapshot) -> DataRole {
-        if snapshot.state.is_primary() || snapshot.transition == Some(Transition::StartingPrimary) {
-            DataRole::Source
-        } else if snapshot.state == State::Second || snapshot.transition == Some(Transition::StartingSecondary) {
-            DataRole::Target
-        } else {
-            DataRole::None
+        match snapshot.transition {
+            // A role being entered wins over the state being left.
+            Some(Transition::StartingSecondary) => DataRole::Target,
+            Some(Transition::StartingPrimary) => DataRole::Source,
+            _ if snapshot.state.is_primary() => DataRole::Source,
+            _ if snapshot.state == State::Second => DataRole::Target,
+            _ => DataRole::None,
         }
     }
 
@@ -384,7 +389,7 @@ impl Replication {
         self.role = match role {
             DataRole::None => Role::None,
             DataRole::Source => Role::Source(Source::start(&self.shared)?),
-            DataRole::Target => Role::Target(Target::start(&self.shared)?),
+            DataRole::Target => Role::Target(Target::start(&self.shared, self.target.clone())?),
         };
         self.shared.view.send_modify(|v| v.role = role);
         Ok(())
@@ -407,16 +412,12 @@ impl Replication {
 
     /// The machine asked for the data to be brought up to date (this node is the target).
     pub fn request_resync(&mut self, full: bool) {
-        if let Role::Target(t) = &self.role {
-            lock(&t.state).requested = Some(full);
-        }
+        lock(&self.target).requested = Some(full);
     }
 
     /// The machine abandoned the resync it asked for.
     pub fn cancel_resync(&mut self) {
-        if let Role::Target(t) = &self.role {
-            lock(&t.state).requested = None;
-        }
+        lock(&self.target).requested = None;
     }
 
     /// Compares both copies online (this node must be the primary with its secondary fed);
@@ -456,7 +457,7 @@ impl Replication {
         let peer = snapshot.peer.as_ref().filter(|_| peer_visible);
         match &mut self.role {
             Role::None => {}
-            Role::Target(t) => lock(&t.state).in_sync = snapshot.in_sync,
+            Role::Target(_) => lock(&self.target).in_sync = snapshot.in_sync,
             Role::Source(s) => {
                 s.sink.set_fence(peer.is_some_and(|p| p.state == State::Second && p.in_sync));
                 let peer_second =
@@ -733,6 +734,10 @@ impl PeerFiles for Reporting<'_> {
 impl JoinContext {
     fn run(self) -> JoinOutcome {
         let started = Instant::now();
+        // The stream stops first: from here on every change is tracked, and the target stops
+        // applying the stream before the resync writes anything (see `Hooks::begin`), so no
+        // old operation can land over what the resync sends.
+        self.sink.sender().disconnect("the secondary asked for a resync");
         let mut peer = match RemotePeer::connect(
             self.shared.peer_resync,
             &self.shared.key,
@@ -966,9 +971,51 @@ fn human_bytes(n: u64) -> String {
 
 struct Target {
     mounts: Vec<Mountover>,
-    server: Option<receiver::Server>,
+    realtime: Arc<Realtime>,
     resync: ResyncServer,
-    state: Arc<Mutex<TargetState>>,
+}
+
+/// The target's real-time receiver, restarted when a resync begins so that no operation of an
+/// older stream is applied over what the resync writes.
+struct Realtime {
+    roots: Vec<(PathBuf, File)>,
+    server: Mutex<Option<receiver::Server>>,
+}
+
+impl Realtime {
+    fn start(shared: &Shared, roots: Vec<(PathBuf, File)>) -> Result<Realtime, String> {
+        let realtime = Realtime { roots, server: Mutex::new(None) };
+        realtime.restart(shared)?;
+        Ok(realtime)
+    }
+
+    /// Ends the current stream (after the operation being applied) and listens again.
+    fn restart(&self, shared: &Shared) -> Result<(), String> {
+        let mut server = lock(&self.server);
+        if let Some(old) = server.take() {
+            old.stop();
+        }
+        let (receiver, _) = roots_from_files(&self.roots).map_err(|e| e.to_string())?;
+        let listener = TcpListener::bind(shared.local_realtime)
+            .map_err(|e| format!("cannot listen for replication on {}: {e}", shared.local_realtime))?;
+        let config = ReceiverConfig {
+            key: shared.key.clone(),
+            module_id: shared.identity.module_id,
+            node: shared.identity.node,
+            timeout: shared.timeout,
+        };
+        *server = Some(
+            receiver::serve(listener, config, receiver)
+                .map_err(|e| format!("cannot start the replication receiver: {e}"))?,
+        );
+        Ok(())
+    }
+
+    fn stop(&self) {
+        if let Some(server) = lock(&self.server).take() {
+            server.stop();
+        }
+    }
 }
 
 #[derive(Default)]
@@ -982,22 +1029,14 @@ struct TargetState {
 }
 
 impl Target {
-    fn start(shared: &Arc<Shared>) -> Result<Target, String> {
+    fn start(shared: &Arc<Shared>, state: Arc<Mutex<TargetState>>) -> Result<Target, String> {
         // The fds reach the real directories, under the read-only mounts made next.
         let roots = open_root_files(&shared.roots).map_err(|e| e.to_string())?;
-        let (realtime, _) = roots_from_files(&roots).map_err(|e| e.to_string())?;
-        let listener = TcpListener::bind(shared.local_realtime)
-            .map_err(|e| format!("cannot listen for replication on {}: {e}", shared.local_realtime))?;
-        let config = ReceiverConfig {
-            key: shared.key.clone(),
-            module_id: shared.identity.module_id,
-            node: shared.identity.node,
-            timeout: shared.timeout,
+        let copies = |roots: &[(PathBuf, File)]| -> Result<Vec<(PathBuf, File)>, String> {
+            roots.iter().map(|(p, f)| Ok((p.clone(), f.try_clone().map_err(|e| e.to_string())?))).collect()
         };
-        let server = receiver::serve(listener, config, realtime)
-            .map_err(|e| format!("cannot start the replication receiver: {e}"))?;
-        let state = Arc::new(Mutex::new(TargetState::default()));
-        let resync = ResyncServer::start(shared, roots, state.clone())?;
+        let realtime = Arc::new(Realtime::start(shared, copies(&roots)?)?);
+        let resync = ResyncServer::start(shared, roots, state, realtime.clone())?;
         let mut mounts = Vec::new();
         for (i, r) in shared.rfs.replicated.iter().enumerate() {
             let index = u16::try_from(i).map_err(|_| "too many replicated directories".to_string())?;
@@ -1005,20 +1044,18 @@ impl Target {
                 Ok(m) => mounts.push(m),
                 Err(e) => {
                     unmount_all(shared, mounts, Duration::ZERO);
-                    server.stop();
+                    realtime.stop();
                     resync.stop();
                     return Err(format!("cannot mount the read-only view over {}: {e}", r.dir.display()));
                 }
             }
         }
         shared.say(LogLevel::Info, "data mounted read-only: only the replication writes here");
-        Ok(Target { mounts, server: Some(server), resync, state })
+        Ok(Target { mounts, realtime, resync })
     }
 
     fn stop(mut self, shared: &Shared) {
-        if let Some(server) = self.server.take() {
-            server.stop();
-        }
+        self.realtime.stop();
         self.resync.stop();
         unmount_all(shared, std::mem::take(&mut self.mounts), RELEASE_GRACE);
     }
@@ -1038,14 +1075,21 @@ impl ResyncServer {
         shared: &Arc<Shared>,
         roots: Vec<(PathBuf, File)>,
         state: Arc<Mutex<TargetState>>,
+        realtime: Arc<Realtime>,
     ) -> Result<ResyncServer, String> {
         let listener = TcpListener::bind(shared.local_resync)
             .map_err(|e| format!("cannot listen for resyncs on {}: {e}", shared.local_resync))?;
         let accepting = listener.try_clone().map_err(|e| e.to_string())?;
         let stopping = Arc::new(AtomicBool::new(false));
         let serving = Arc::new(Mutex::new(None));
-        let ctx =
-            ServeContext { shared: shared.clone(), roots, state, stopping: stopping.clone(), serving: serving.clone() };
+        let ctx = ServeContext {
+            shared: shared.clone(),
+            roots,
+            state,
+            realtime,
+            stopping: stopping.clone(),
+            serving: serving.clone(),
+        };
         let thread = std::thread::Builder::new()
             .name("repl-resync".into())
             .spawn(move || ctx.accept_loop(accepting))
@@ -1071,6 +1115,7 @@ struct ServeContext {
     shared: Arc<Shared>,
     roots: Vec<(PathBuf, File)>,
     state: Arc<Mutex<TargetState>>,
+    realtime: Arc<Realtime>,
     stopping: Arc<AtomicBool>,
     serving: Arc<Mutex<Option<TcpStream>>>,
 }
@@ -1162,6 +1207,10 @@ impl TargetHooks for Hooks<'_> {
         let counts = shared.maps.counts();
         let own_changes = counts.zones > 0 || counts.files > 0 || counts.namespace > 0 || counts.full;
         if own_changes && requested.is_some() && !self.save_aside() {
+            return BeginAnswer::NotReady;
+        }
+        if let Err(e) = self.ctx.realtime.restart(shared) {
+            shared.say(LogLevel::Error, &e);
             return BeginAnswer::NotReady;
         }
         let full = requested.unwrap_or(false) || unclean || own_changes;

@@ -565,6 +565,15 @@ impl Sender {
         }
     }
 
+    /// Ends the connection now, as [`Sender::close`] does, but through a shared reference:
+    /// every op not yet durable on the peer, and every later one, is tracked. The absence
+    /// handler is not called.
+    pub fn disconnect(&self, reason: &str) {
+        let mut state = lock(&self.inner.state);
+        state.closing = true;
+        self.inner.go_absent(state, reason.to_string());
+    }
+
     /// Closes the connection; ops not yet durable on the peer are tracked. The absence
     /// handler is not called.
     pub fn close(mut self) {

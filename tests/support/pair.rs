@@ -70,6 +70,9 @@ pub struct ModuleSpec {
 /// (`DATA_DIR/<module>`); [`Pair::data_dir`] is its real path, seen from outside the lab.
 pub const DATA_DIR: &str = "/srv/hamirror-data";
 
+/// Where a node keeps its split-brain changes (beside its state directory), private per host.
+pub const SPLITBRAIN_DIR: &str = "/var/lib/hamirror-splitbrain";
+
 impl ModuleSpec {
     pub fn new(name: &str, id: u16) -> ModuleSpec {
         ModuleSpec { name: name.to_string(), id, pulse: "200ms", timeout: "1s", replicated: None }
@@ -135,7 +138,7 @@ impl Pair {
     /// Two hosts on the lans default and replication (and a witness when asked), with the
     /// same cluster.xml and cluster key in both homes. No module, no daemon yet.
     pub fn new(witness: bool) -> Pair {
-        let mut spec = LabSpec::new(&HOSTS).lans(&LANS).bind(DATA_DIR);
+        let mut spec = LabSpec::new(&HOSTS).lans(&LANS).bind(DATA_DIR).bind(SPLITBRAIN_DIR);
         if witness {
             spec = spec.witness();
         }
@@ -224,6 +227,12 @@ impl Pair {
     /// replication wrote there, not the mountover's view).
     pub fn data_dir(&self, host: &str, module: &str) -> PathBuf {
         self.lab.host_dir(host).join("bind").join(DATA_DIR.trim_start_matches('/')).join(module)
+    }
+
+    /// The real path, seen from outside the lab, of `path` inside `host` under one of the
+    /// lab's private binds.
+    pub fn host_path(&self, host: &str, path: &str) -> PathBuf {
+        self.lab.host_dir(host).join("bind").join(path.trim_start_matches('/'))
     }
 
     pub fn daemon_log(&self, host: &str) -> PathBuf {
