@@ -128,9 +128,19 @@ impl ReplicaSink {
 
     /// Makes `sender` the current one. Call with every mountover paused (no op in flight).
     fn replace(&self, sender: Sender) {
-        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
-        let base = current.base + current.sender.status().submitted_upto;
-        *current = Current { sender: Arc::new(sender), base };
+        {
+            let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+            let base = current.base + current.sender.status().submitted_upto;
+            *current = Current { sender: Arc::new(sender), base };
+        }
+        // Fenced ops of the replaced sender may be done (see `wait_fence`).
+        let _fence = lock(&self.fence);
+        self.fence_changed.notify_all();
+    }
+
+    /// Ops numbered up to this went to earlier senders.
+    fn base(&self) -> u64 {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).base
     }
 
     fn connected(&self) -> bool {
@@ -145,14 +155,15 @@ impl ReplicaSink {
         }
     }
 
-    /// Waits until the peer cannot claim to be up to date.
-    fn wait_fence(&self) {
+    /// Waits until the peer cannot claim to be up to date, or until a join has replaced the
+    /// sender that got op `seq` (the join sent every op recorded before it, durably).
+    fn wait_fence(&self, seq: u64) {
         let mut fence = lock(&self.fence);
         let started = Instant::now();
         let mut logged = started;
-        while *fence {
+        while *fence && self.base() < seq {
             fence = self.fence_changed.wait_timeout(fence, Duration::from_secs(1)).unwrap_or_else(|e| e.into_inner()).0;
-            if *fence && logged.elapsed() >= FENCE_LOG_EVERY {
+            if *fence && self.base() < seq && logged.elapsed() >= FENCE_LOG_EVERY {
                 logged = Instant::now();
                 tracing::warn!(
                     module = %self.module,
@@ -165,10 +176,13 @@ impl ReplicaSink {
 
     /// Everything submitted so far is durable on the peer, or recorded and fenced.
     fn flush(&self) -> io::Result<()> {
-        let sender = self.sender();
+        let (sender, upto) = {
+            let current = self.current.read().unwrap_or_else(|e| e.into_inner());
+            (current.sender.clone(), current.base + current.sender.status().submitted_upto)
+        };
         sender.flush()?;
         if sender.is_absent() {
-            self.wait_fence();
+            self.wait_fence(upto);
         }
         Ok(())
     }
@@ -192,7 +206,7 @@ impl OpSink for ReplicaSink {
         }
         sender.wait_durable(seq - base)?;
         if sender.is_absent() && self.mode == SyncMode::Sync {
-            self.wait_fence();
+            self.wait_fence(seq);
         }
         Ok(())
     }
@@ -462,7 +476,10 @@ impl Replication {
                 s.sink.set_fence(peer.is_some_and(|p| p.state == State::Second && p.in_sync));
                 let peer_second =
                     peer.is_some_and(|p| p.state == State::Second && p.transition != Some(Transition::Stopping));
-                let running = snapshot.state.is_primary() && snapshot.transition != Some(Transition::Stopping);
+                // Also while start_prim runs: after a swap the peer is an up-to-date secondary,
+                // so the application's synchronous writes wait for this join.
+                let running = (snapshot.state.is_primary() || snapshot.transition == Some(Transition::StartingPrimary))
+                    && snapshot.transition != Some(Transition::Stopping);
                 s.reap(&self.shared);
                 if running && peer_second && !s.sink.connected() && s.job.is_none() && Instant::now() >= s.next_attempt
                 {
@@ -1312,5 +1329,48 @@ impl Hooks<'_> {
                 false
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replication::sender::MemoryTracker;
+
+    fn absent() -> Sender {
+        Sender::alone(SyncMode::Sync, Arc::new(MemoryTracker::new()), "no peer in this test")
+    }
+
+    /// Whether thread `tid` of this process sleeps (blocked in the kernel).
+    fn sleeping(tid: i32) -> bool {
+        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap_or_default();
+        stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('S'))
+    }
+
+    #[test]
+    fn a_fenced_write_is_released_when_a_join_replaces_its_sender() {
+        // Proves: a synchronous write recorded while the peer claims to be up to date waits (fence), and returns once a join has replaced the sender it went to (the join shipped it), though the peer still claims to be up to date.
+        let sink = Arc::new(ReplicaSink::new(absent(), SyncMode::Sync, "m"));
+        sink.set_fence(true);
+        let file = RelPath::new(0, "f").unwrap();
+        let seq = sink.submit(Op::Write { file, offset: 0, data: b"x".to_vec() });
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let waiter = sink.clone();
+        let thread = std::thread::spawn(move || {
+            tid_tx.send(nix::unistd::gettid().as_raw()).unwrap();
+            done_tx.send(waiter.wait_durable(seq).is_ok())
+        });
+        let tid = tid_rx.recv().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sleeping(tid) {
+            assert!(done_rx.try_recv().is_err(), "a fenced write returned before the join");
+            assert!(Instant::now() < deadline, "the write never waited");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        sink.replace(absent());
+        let done = done_rx.recv_timeout(Duration::from_secs(10));
+        assert_eq!(done, Ok(true), "the write is still fenced after the join replaced its sender");
+        thread.join().unwrap().unwrap();
     }
 }

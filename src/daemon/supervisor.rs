@@ -18,7 +18,7 @@ use super::control::{ModuleHandle, ModuleRequest, ModuleView, VerifyRequest};
 use super::logs::ModuleLog;
 use super::replication::Replication;
 use super::scripts::{run_script, ScriptEnv};
-use crate::module::{Script, ScriptOutcome};
+use crate::module::{Script, ScriptOutcome, Transition};
 use crate::replication::status::DataRole;
 
 /// Admin requests waiting for one module's task.
@@ -323,8 +323,13 @@ impl Supervisor {
             }
         }
         let snapshot = self.machine.snapshot();
-        if self.replication.is_some() {
-            let wanted = Replication::wanted(&snapshot);
+        if let Some(r) = &self.replication {
+            let mut wanted = Replication::wanted(&snapshot);
+            // A swap runs start_second while the state is still PRIM: once the data has become
+            // the target's (when start_second began), it must not be mounted read-write again.
+            if snapshot.transition == Some(Transition::StartingSecondary) && r.role() == DataRole::Target {
+                wanted = DataRole::Target;
+            }
             if let Err(e) = self.set_data_role(wanted) {
                 self.say(LogLevel::Error, &e);
             }

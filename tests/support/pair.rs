@@ -64,6 +64,11 @@ pub struct ModuleSpec {
     pub timeout: &'static str,
     /// Replicates `DATA_DIR/<name>` over the lan `replication` with this `sync` mode.
     pub replicated: Option<&'static str>,
+    /// How long start_prim may run (`starttimeout`).
+    pub start_timeout: &'static str,
+    /// Scripts run instead of the `mirror` template's (`start_prim`, `stop_prim`), still
+    /// traced: (script, shell text).
+    pub scripts: Vec<(&'static str, String)>,
 }
 
 /// Directory private to each host under which replicated modules keep their data
@@ -75,7 +80,15 @@ pub const SPLITBRAIN_DIR: &str = "/var/lib/hamirror-splitbrain";
 
 impl ModuleSpec {
     pub fn new(name: &str, id: u16) -> ModuleSpec {
-        ModuleSpec { name: name.to_string(), id, pulse: "200ms", timeout: "1s", replicated: None }
+        ModuleSpec {
+            name: name.to_string(),
+            id,
+            pulse: "200ms",
+            timeout: "1s",
+            replicated: None,
+            start_timeout: "10s",
+            scripts: Vec::new(),
+        }
     }
     /// Replicates `DATA_DIR/<name>` in `sync` mode (`"sync"` or `"async"`).
     pub fn replicated(mut self, sync: &'static str) -> ModuleSpec {
@@ -86,7 +99,22 @@ impl ModuleSpec {
         self.timeout = timeout;
         self
     }
+    pub fn start_timeout(mut self, start_timeout: &'static str) -> ModuleSpec {
+        self.start_timeout = start_timeout;
+        self
+    }
+    /// Runs `text` (a shell script) instead of the template's `script`: `"start_prim"` or
+    /// `"stop_prim"`.
+    pub fn script(mut self, script: &'static str, text: String) -> ModuleSpec {
+        assert!(SCRIPTS.contains(&script), "the lab modules have no script {script} (only {SCRIPTS:?})");
+        self.scripts.push((script, text));
+        self
+    }
 }
+
+/// The scripts a lab module has, from the `mirror` template unless [`ModuleSpec::script`]
+/// replaces them.
+pub const SCRIPTS: [&str; 2] = ["start_prim", "stop_prim"];
 
 /// The shell loop that stands for the application (see the file's docs).
 pub fn app_command(module: &str) -> String {
@@ -201,21 +229,27 @@ impl Pair {
         let xml = format!(
             "<module name=\"{name}\" mode=\"mirror\" id=\"{id}\">\n  <heart pulse=\"{pulse}\" timeout=\"{timeout}\"/>\n  \
              <failover auto=\"on\" defaultprim=\"alone\"/>\n{splitbrain}{rfs}  \
-             <user nicestoptimeout=\"10s\" forcestoptimeout=\"10s\" starttimeout=\"10s\">\n    \
+             <user nicestoptimeout=\"10s\" forcestoptimeout=\"10s\" starttimeout=\"{start_timeout}\">\n    \
              <var name=\"APP_COMMAND\" value=\"{app}\"/>\n  </user>\n</module>\n",
             name = m.name,
             id = m.id,
             pulse = m.pulse,
             timeout = m.timeout,
+            start_timeout = m.start_timeout,
             app = xml_escape(&app_command(&m.name)),
         );
         let template = Path::new(env!("CARGO_MANIFEST_DIR")).join("app-modules/mirror/bin");
         let bin = dir.join("bin");
         fs::create_dir_all(&bin).unwrap();
         fs::write(dir.join("userconfig.xml"), &xml).unwrap();
-        for script in ["start_prim", "stop_prim"] {
+        for script in SCRIPTS {
             let real = bin.join(format!("mirror_{script}"));
-            fs::copy(template.join(script), &real).unwrap();
+            match m.scripts.iter().find(|(s, _)| *s == script) {
+                Some((_, text)) => fs::write(&real, text).unwrap(),
+                None => {
+                    fs::copy(template.join(script), &real).unwrap();
+                }
+            }
             fs::write(bin.join(script), traced_script(script)).unwrap();
             for f in [real, bin.join(script)] {
                 fs::set_permissions(f, fs::Permissions::from_mode(0o755)).unwrap();
