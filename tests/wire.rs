@@ -35,6 +35,7 @@ fn status(swap_request: u32) -> PeerStatus {
         eligible: true,
         last_role: Role::Secondary,
         swap_request,
+        resync_request: 7,
         handover: false,
     }
 }
@@ -92,6 +93,7 @@ fn largest_status_fits_in_one_datagram() {
         eligible: true,
         last_role: Role::Secondary,
         swap_request: u32::MAX,
+        resync_request: u32::MAX,
         handover: true,
     };
     let h = HeartbeatHeader { node: 1, module_id: u16::MAX, epoch: u64::MAX, seq: u64::MAX };

@@ -480,9 +480,18 @@ impl Replication {
                 // so the application's synchronous writes wait for this join.
                 let running = (snapshot.state.is_primary() || snapshot.transition == Some(Transition::StartingPrimary))
                     && snapshot.transition != Some(Transition::Stopping);
+                // A resync the peer asked for and no join served yet (an in-sync secondary can
+                // ask too: `second --full`).
+                let asked = peer.filter(|p| p.transition == Some(Transition::Resyncing) && !p.in_sync);
+                let peer_asks = asked.is_some_and(|p| s.served_request != Some(p.resync_request));
                 s.reap(&self.shared);
-                if running && peer_second && !s.sink.connected() && s.job.is_none() && Instant::now() >= s.next_attempt
+                if running
+                    && peer_second
+                    && (!s.sink.connected() || peer_asks)
+                    && s.job.is_none()
+                    && Instant::now() >= s.next_attempt
                 {
+                    s.served_request = asked.map(|p| p.resync_request);
                     s.start_join(&self.shared);
                 }
                 s.refresh_view(&self.shared);
@@ -509,6 +518,8 @@ struct Source {
     next_attempt: Instant,
     failures: u32,
     last_view: Option<Instant>,
+    /// The peer's resync request (its counter) the last join started for.
+    served_request: Option<u32>,
 }
 
 struct Job {
@@ -560,6 +571,7 @@ impl Source {
             next_attempt: Instant::now(),
             failures: 0,
             last_view: None,
+            served_request: None,
         })
     }
 
@@ -605,8 +617,12 @@ impl Source {
                 self.failures = 0;
                 self.next_attempt = Instant::now();
             }
-            JoinOutcome::NotReady | JoinOutcome::Stopped => self.next_attempt = Instant::now() + NOT_READY_RETRY,
+            JoinOutcome::NotReady | JoinOutcome::Stopped => {
+                self.served_request = None;
+                self.next_attempt = Instant::now() + NOT_READY_RETRY;
+            }
             JoinOutcome::Failed(why) => {
+                self.served_request = None;
                 let delay = RETRY_FIRST.saturating_mul(1 << self.failures.min(6)).min(RETRY_MAX);
                 self.failures += 1;
                 self.next_attempt = Instant::now() + delay;

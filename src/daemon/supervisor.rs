@@ -18,7 +18,7 @@ use super::control::{ModuleHandle, ModuleRequest, ModuleView, VerifyRequest};
 use super::logs::ModuleLog;
 use super::replication::Replication;
 use super::scripts::{run_script, ScriptEnv};
-use crate::module::{Script, ScriptOutcome, Transition};
+use crate::module::{Script, ScriptOutcome};
 use crate::replication::status::DataRole;
 
 /// Admin requests waiting for one module's task.
@@ -251,7 +251,18 @@ impl Supervisor {
 
     /// Executes every pending action, in order.
     async fn execute(&mut self) {
-        while let Some(action) = self.machine.poll_action() {
+        let actions: Vec<Action> = std::iter::from_fn(|| self.machine.poll_action()).collect();
+        // The resync request is recorded before anything goes out: the heartbeat that tells the
+        // primary about it may be among these actions, and the primary's resync connection must
+        // find the request already there.
+        for action in &actions {
+            match (action, &mut self.replication) {
+                (Action::StartResync { full }, Some(r)) => r.request_resync(*full),
+                (Action::StopResync, Some(r)) => r.cancel_resync(),
+                _ => {}
+            }
+        }
+        for action in actions {
             match action {
                 Action::RunScript(script) => {
                     // The data is mounted before the role's start script runs.
@@ -288,18 +299,12 @@ impl Supervisor {
                         let _ = tx.send(Event::Witness { reachable }).await;
                     });
                 }
-                Action::StartResync { full } => match &mut self.replication {
-                    Some(r) => r.request_resync(full),
-                    // Nothing is replicated: there is nothing to copy.
-                    None => {
-                        let _ = self.events_tx.send(Event::ResyncDone { ok: true }).await;
-                    }
-                },
-                Action::StopResync => {
-                    if let Some(r) = &mut self.replication {
-                        r.cancel_resync();
-                    }
+                // Nothing is replicated: there is nothing to copy.
+                Action::StartResync { .. } if self.replication.is_none() => {
+                    let _ = self.events_tx.send(Event::ResyncDone { ok: true }).await;
                 }
+                // Recorded above.
+                Action::StartResync { .. } | Action::StopResync => {}
                 Action::Checkers(on) => {
                     self.checkers = on.then(|| {
                         spawn_checkers(
@@ -323,13 +328,10 @@ impl Supervisor {
             }
         }
         let snapshot = self.machine.snapshot();
-        if let Some(r) = &self.replication {
-            let mut wanted = Replication::wanted(&snapshot);
-            // A swap runs start_second while the state is still PRIM: once the data has become
-            // the target's (when start_second began), it must not be mounted read-write again.
-            if snapshot.transition == Some(Transition::StartingSecondary) && r.role() == DataRole::Target {
-                wanted = DataRole::Target;
-            }
+        if self.replication.is_some() {
+            // A swap runs start_second while the state is still PRIM: `wanted` lets the role
+            // being entered win.
+            let wanted = Replication::wanted(&snapshot);
             if let Err(e) = self.set_data_role(wanted) {
                 self.say(LogLevel::Error, &e);
             }

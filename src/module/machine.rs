@@ -169,6 +169,7 @@ pub struct Module {
     checker_failure: Option<CheckAction>,
     restarts: VecDeque<Instant>,
     swap_requests_sent: u32,
+    resync_requests_sent: u32,
     peer_swap_requests_seen: u32,
     handover: bool,
     actions: VecDeque<Action>,
@@ -208,6 +209,7 @@ impl Module {
             checker_failure: None,
             restarts: VecDeque::new(),
             swap_requests_sent: 0,
+            resync_requests_sent: 0,
             peer_swap_requests_seen: 0,
             handover: false,
             actions: VecDeque::new(),
@@ -396,6 +398,7 @@ impl Module {
             eligible: self.eligible(),
             last_role: self.p.last_role,
             swap_request: self.swap_requests_sent,
+            resync_request: self.resync_requests_sent,
             handover: self.handover && self.state == State::Second,
         }
     }
@@ -934,6 +937,7 @@ impl Module {
             if !self.in_sync && !self.resync_running {
                 self.resync_running = true;
                 self.transition = Some(Transition::Resyncing);
+                self.resync_requests_sent = self.resync_requests_sent.wrapping_add(1);
                 self.actions.push_back(Action::StartResync { full: self.full_resync });
                 self.log(
                     LogLevel::Info,

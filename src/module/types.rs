@@ -266,6 +266,9 @@ pub struct PeerStatus {
     pub last_role: Role,
     /// Counter bumped by each swap request the sender makes; the primary acts once per value.
     pub swap_request: u32,
+    /// Counter bumped by each resync this node asks for (SECOND); the primary serves each value
+    /// once.
+    pub resync_request: u32,
     /// Set by a primary that stopped for a swap: the receiver (SECOND in sync) takes over.
     pub handover: bool,
 }
