@@ -62,7 +62,7 @@ fn start_receiver(roots: Vec<PathBuf>, key: ClusterKey, configure: impl FnOnce(&
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let mut receiver = Receiver::new(roots).unwrap();
     configure(&mut receiver);
-    let config = ReceiverConfig { key, module_id: MODULE_ID, node: 1, timeout: HEALTHY_TIMEOUT };
+    let config = ReceiverConfig { key, module_id: MODULE_ID, node: 1, timeout: HEALTHY_TIMEOUT, on_warning: None };
     serve(listener, config, receiver).unwrap()
 }
 

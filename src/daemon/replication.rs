@@ -33,7 +33,7 @@ use crate::module::{Event, LogLevel, Snapshot, State, Transition};
 use crate::replication::channel::{handshake_receiver, Identity};
 use crate::replication::dirty::DirtyMaps;
 use crate::replication::mountover::{MountMode, Mountover};
-use crate::replication::receiver::{self, ReceiverConfig};
+use crate::replication::receiver::{self, ReceiverConfig, WarningHook};
 use crate::replication::remote::{open_root_files, roots_from_files, BeginAnswer, RemotePeer, Served, TargetHooks};
 use crate::replication::resync::{
     full_resync, incremental_resync, Entry, Flow, LocalTree, Outcome, PeerFiles, Progress, ResyncOptions,
@@ -1025,11 +1025,13 @@ impl Realtime {
         let (receiver, _) = roots_from_files(&self.roots).map_err(|e| e.to_string())?;
         let listener = TcpListener::bind(shared.local_realtime)
             .map_err(|e| format!("cannot listen for replication on {}: {e}", shared.local_realtime))?;
+        let log = ModuleLog::at(shared.log.path().to_path_buf());
         let config = ReceiverConfig {
             key: shared.key.clone(),
             module_id: shared.identity.module_id,
             node: shared.identity.node,
             timeout: shared.timeout,
+            on_warning: Some(WarningHook(Arc::new(move |text: &str| log.line(LogLevel::Warn, text)))),
         };
         *server = Some(
             receiver::serve(listener, config, receiver)

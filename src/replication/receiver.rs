@@ -909,6 +909,19 @@ pub struct ReceiverConfig {
     /// The heartbeat timeout: a connection silent this long is closed (the sender pings more
     /// often), and an ack that cannot be written this long ends the connection.
     pub timeout: Duration,
+    /// Also gets every warning sentence (refused connections, failed operations), e.g. for
+    /// the module's own log.
+    pub on_warning: Option<WarningHook>,
+}
+
+/// A receiver of warning sentences (see [`ReceiverConfig::on_warning`]).
+#[derive(Clone)]
+pub struct WarningHook(pub Arc<dyn Fn(&str) + Send + Sync>);
+
+impl fmt::Debug for WarningHook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("WarningHook")
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -946,6 +959,9 @@ impl Shared {
         };
         if due {
             warn!(module_id = self.config.module_id, "{message}");
+            if let Some(WarningHook(hook)) = &self.config.on_warning {
+                hook(&message.to_string());
+            }
         }
     }
 }
