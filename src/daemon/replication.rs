@@ -925,6 +925,19 @@ impl JoinContext {
             let mut reporting = Reporting { peer: &mut *peer, pending: pending.clone() };
             let outcome = incremental_resync(&self.tree, &mut reporting, &shared.maps, &opts, &mut |_| Flow::Continue)
                 .map_err(|e| e.to_string())?;
+            // The target's figures end with the whole resync, not its last progress report.
+            let total = *examined + outcome.stats().bytes_examined;
+            let last = ResyncView {
+                full,
+                bytes_done: total,
+                bytes_total: total,
+                files_done: 0,
+                files_total: 0,
+                bytes_sent: *sent + outcome.stats().bytes_sent,
+                elapsed_ms: ms(started.elapsed()),
+                pass: pass + 1,
+            };
+            peer.progress(&last).map_err(|e| format!("the target did not take the last progress: {e}"))?;
             peer.finish(true).map_err(|e| format!("the target did not confirm the end of the resync: {e}"))?;
             self.sink.replace(sender);
             Ok(outcome.stats().bytes_sent)

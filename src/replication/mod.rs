@@ -98,6 +98,9 @@ pub enum Op {
     Write {
         file: RelPath,
         offset: u64,
+        /// Encoded as a byte string (the same bytes on the wire as a sequence of `u8` in
+        /// postcard, without encoding them one by one).
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     Truncate {
@@ -165,6 +168,7 @@ pub enum Op {
     SetXattr {
         path: RelPath,
         name: String,
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
         flags: i32,
     },
