@@ -166,7 +166,9 @@ fn requests_outside_the_roots_are_refused() {
     let other = RelPath::new(3, "x").unwrap();
     let e = peer.stat(&other).unwrap_err().to_string();
     assert!(e.contains("replicated directories"), "{e}");
-    let e = peer.apply(&Op::Create { file: other.clone(), mode: 0o644, uid: 0, gid: 0 }).unwrap_err().to_string();
+    // Applies are pipelined: a refusal is reported by the next call.
+    peer.apply(&Op::Create { file: other.clone(), mode: 0o644, uid: 0, gid: 0 }).unwrap();
+    let e = peer.flush().unwrap_err().to_string();
     assert!(e.starts_with("refused"), "{e}");
     assert!(peer.remove_tree(&rel("")).is_err());
     assert!(peer.stat(&rel("")).unwrap().is_some(), "the session goes on");
@@ -209,10 +211,13 @@ fn changes_wait_for_begin_and_finish_ends_the_session() {
     });
     let create = Op::Create { file: rel("f"), mode: 0o644, uid: 0, gid: 0 };
     let mut peer = RemotePeer::connect(addr, &key, SENDER, TIMEOUT).unwrap();
-    let e = peer.apply(&create).unwrap_err().to_string();
+    // Applies are pipelined: a refusal is reported by the next call.
+    peer.apply(&create).unwrap();
+    let e = peer.flush().unwrap_err().to_string();
     assert!(e.contains("before the resync began"), "{e}");
     assert_eq!(peer.begin().unwrap(), BeginAnswer::NotReady);
-    assert!(peer.apply(&create).is_err(), "still refused after a NotReady answer");
+    peer.apply(&create).unwrap();
+    assert!(peer.flush().is_err(), "still refused after a NotReady answer");
     assert!(peer.stat(&rel("")).unwrap().is_some(), "reads are served");
     peer.finish(true).unwrap();
     let mut peer = connect(addr, &key);

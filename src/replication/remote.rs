@@ -187,7 +187,14 @@ fn open_envelope(message: Message, want_offset: u64) -> Result<(u64, Vec<u8>), &
 pub struct RemotePeer {
     channel: Channel,
     seq: u64,
+    /// `Apply` requests sent whose answers are not read yet (see [`APPLY_WINDOW`]).
+    unanswered: u64,
 }
+
+/// `Apply` requests (the resync's data) sent ahead of their answers: the server answers in
+/// order, so a resync streams blocks instead of waiting a round trip for each. A failure is
+/// reported by the next call.
+pub const APPLY_WINDOW: u64 = 32;
 
 impl std::fmt::Debug for RemotePeer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -210,7 +217,7 @@ impl RemotePeer {
     /// Uses a channel whose handshake is done.
     pub fn new(channel: Channel) -> Result<RemotePeer, ChannelError> {
         channel.stream.set_read_timeout(Some(RESPONSE_TIMEOUT))?;
-        Ok(RemotePeer { channel, seq: 0 })
+        Ok(RemotePeer { channel, seq: 0, unanswered: 0 })
     }
 
     /// Ends the connection (the server returns).
@@ -243,6 +250,13 @@ impl RemotePeer {
     }
 
     fn call(&mut self, request: &Request) -> io::Result<Response> {
+        self.drain()?;
+        let seq = self.send(request)?;
+        self.answer(seq)
+    }
+
+    /// Sends `request`; returns its sequence number.
+    fn send(&mut self, request: &Request) -> io::Result<u64> {
         let data = postcard::to_allocvec(request)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a resync request does not encode"))?;
         if data.len() > REQUEST_BYTES_MAX {
@@ -252,6 +266,24 @@ impl RemotePeer {
         let seq = self.seq;
         self.channel.writer.send(&envelope(seq, OFFSET_REQUEST, data)).map_err(channel_error)?;
         self.channel.writer.flush().map_err(channel_error)?;
+        Ok(seq)
+    }
+
+    /// Reads the answers of the `Apply` requests sent ahead; the first failure is returned.
+    fn drain(&mut self) -> io::Result<()> {
+        while self.unanswered > 0 {
+            let seq = self.seq - self.unanswered + 1;
+            self.unanswered -= 1;
+            match self.answer(seq)? {
+                Response::Done => {}
+                _ => return Err(unexpected()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the answer to request `seq` (answering pings meanwhile).
+    fn answer(&mut self, seq: u64) -> io::Result<Response> {
         loop {
             let message = match self.channel.reader.poll().map_err(channel_error)? {
                 Some(m) => m,
@@ -346,10 +378,16 @@ impl PeerFiles for RemotePeer {
     }
 
     fn apply(&mut self, op: &Op) -> io::Result<()> {
-        match self.call(&Request::Apply { op: op.clone() })? {
-            Response::Done => Ok(()),
-            _ => Err(unexpected()),
+        if self.unanswered >= APPLY_WINDOW {
+            let seq = self.seq - self.unanswered + 1;
+            self.unanswered -= 1;
+            if !matches!(self.answer(seq)?, Response::Done) {
+                return Err(unexpected());
+            }
         }
+        self.send(&Request::Apply { op: op.clone() })?;
+        self.unanswered += 1;
+        Ok(())
     }
 
     fn remove_tree(&mut self, path: &RelPath) -> io::Result<()> {
