@@ -355,14 +355,18 @@ impl Replication {
         Ok(Some((Replication { shared: Arc::new(shared), role: Role::None }, view_rx)))
     }
 
-    /// The role the machine's state calls for.
-    pub fn wanted(snapshot: &Snapshot) -> DataRole {
-        if snapshot.state.is_primary() || snapshot.transition == Some(Transition::StartingPrimary) {
-            DataRole::Source
-        } else if snapshot.state == State::Second || snapshot.transition == Some(Transition::StartingSecondary) {
-            DataRole::Target
-        } else {
-            DataRole::None
+    /// The role the machine's state calls for; `None` while a role change runs its scripts:
+    /// the old role stays while the old role's stop script runs, and the supervisor mounts
+    /// the new one just before the new role's start script (`start_prim`, `start_second`).
+    /// (Deciding from the state shown, the old one, would flip a primary that is becoming
+    /// secondary back to source during `start_second`, and the resync it then asks for
+    /// would find no target.)
+    pub fn wanted(snapshot: &Snapshot) -> Option<DataRole> {
+        match snapshot.transition {
+            Some(Transition::StartingPrimary | Transition::StartingSecondary) => None,
+            _ if snapshot.state.is_primary() => Some(DataRole::Source),
+            _ if snapshot.state == State::Second => Some(DataRole::Target),
+            _ => Some(DataRole::None),
         }
     }
 

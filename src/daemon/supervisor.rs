@@ -324,9 +324,10 @@ impl Supervisor {
         }
         let snapshot = self.machine.snapshot();
         if self.replication.is_some() {
-            let wanted = Replication::wanted(&snapshot);
-            if let Err(e) = self.set_data_role(wanted) {
-                self.say(LogLevel::Error, &e);
+            if let Some(wanted) = Replication::wanted(&snapshot) {
+                if let Err(e) = self.set_data_role(wanted) {
+                    self.say(LogLevel::Error, &e);
+                }
             }
             if let Some(r) = &mut self.replication {
                 r.update(&snapshot);
