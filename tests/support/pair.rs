@@ -1,11 +1,12 @@
 //! A real pair of `hamirror daemon`s in two lab hosts (tools/lab, docs/lab.md), for the lab
-//! tests (tests/lab_cluster.rs, tests/lab_replication.rs).
+//! tests (tests/lab_cluster.rs, tests/lab_replication.rs, tests/lab_lostwrite.rs).
 //!
 //! Every module runs the `mirror` template's scripts (app-modules/mirror/bin), wrapped so that
 //! each run of start_prim / stop_prim leaves "<host> <script> begin|end <ns>" lines in the
-//! host's `/var/lib/hamirror/trace-<module>`. The application writes "<host> <counter>" into
-//! `/var/lib/hamirror/app-<module>.alive` every 100 ms: a test proves it runs on a host (the
-//! file changes) and not on the other (`pgrep` in that host finds nothing).
+//! host's `/var/lib/hamirror/trace-<module>`. The application (unless [`ModuleSpec::app`] names
+//! another) writes "<host> <counter>" into `/var/lib/hamirror/app-<module>.alive` every 100 ms:
+//! a test proves it runs on a host (the file changes) and not on the other (`pgrep` in that
+//! host finds nothing).
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -64,6 +65,8 @@ pub struct ModuleSpec {
     pub timeout: &'static str,
     /// Replicates `DATA_DIR/<name>` over the lan `replication` with this `sync` mode.
     pub replicated: Option<&'static str>,
+    /// The application's shell command (APP_COMMAND); `None`: [`app_command`].
+    pub app: Option<String>,
 }
 
 /// Directory private to each host under which replicated modules keep their data
@@ -72,7 +75,7 @@ pub const DATA_DIR: &str = "/srv/hamirror-data";
 
 impl ModuleSpec {
     pub fn new(name: &str, id: u16) -> ModuleSpec {
-        ModuleSpec { name: name.to_string(), id, pulse: "200ms", timeout: "1s", replicated: None }
+        ModuleSpec { name: name.to_string(), id, pulse: "200ms", timeout: "1s", replicated: None, app: None }
     }
     /// Replicates `DATA_DIR/<name>` in `sync` mode (`"sync"` or `"async"`).
     pub fn replicated(mut self, sync: &'static str) -> ModuleSpec {
@@ -81,6 +84,12 @@ impl ModuleSpec {
     }
     pub fn timeout(mut self, timeout: &'static str) -> ModuleSpec {
         self.timeout = timeout;
+        self
+    }
+    /// Runs `command` as the application instead of [`app_command`] (then [`Pair::app_runs_on`]
+    /// and [`Pair::app_process`] do not find it).
+    pub fn app(mut self, command: &str) -> ModuleSpec {
+        self.app = Some(command.to_string());
         self
     }
 }
@@ -204,7 +213,7 @@ impl Pair {
             id = m.id,
             pulse = m.pulse,
             timeout = m.timeout,
-            app = xml_escape(&app_command(&m.name)),
+            app = xml_escape(&m.app.clone().unwrap_or_else(|| app_command(&m.name))),
         );
         let template = Path::new(env!("CARGO_MANIFEST_DIR")).join("app-modules/mirror/bin");
         let bin = dir.join("bin");
