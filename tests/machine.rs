@@ -960,6 +960,50 @@ fn thawed_primary_steps_down_when_the_peer_took_over() {
     assert!(pair.logs(0, LogLevel::Warn).iter().any(|l| l.contains("frozen")));
 }
 
+#[test]
+fn a_thawed_primary_that_finds_its_stream_closed_starts_no_generation() {
+    // Proves: a primary that thaws after its SECOND took over, and learns first (before its late timers and the heartbeats waiting for it) that its replication stream was closed, starts no generation of origin `primary` that would win the split brain: it steps down, and the generation of the node that took over leads, so what that node acknowledged is kept.
+    let mut pair = Pair::started(defaults);
+    let gen_seq = pair.disk(0).gen_seq;
+    pair.freeze(0);
+    pair.run_for(secs(10));
+    assert_eq!(pair.state(1), State::Alone);
+    let n1_generation = pair.snap(1).generation;
+    pair.thaw(0);
+    pair.event(0, Event::ReplicationLost { reason: "the peer closed the connection".into() });
+    assert_eq!(pair.disk(0).gen_seq, gen_seq, "no generation on a silence that is not judged yet");
+    pair.run_for(secs(3));
+    pair.assert_pair(State::Second, State::Prim);
+    assert_eq!(pair.snap(1).generation, n1_generation, "n1's generation still leads");
+    assert!(pair.logs(0, LogLevel::Warn).iter().any(|l| l.contains("the heartbeat timeout decides")));
+}
+
+#[test]
+fn a_primary_stepping_down_for_want_of_a_witness_starts_no_generation_on_a_lost_stream() {
+    // Proves: a primary cut off from its peer and from the witness, whose replication stream is declared lost while it stops its application, starts no generation of origin `primary`: once the lans are back, the node that reached the witness and took over stays primary (its acknowledged writes are kept) and the other joins it as SECOND.
+    let mut pair = Pair::started(with_witness);
+    pair.nodes[0].witness = false;
+    pair.nodes[1].witness = true;
+    let gen_seq = pair.disk(0).gen_seq;
+    pair.cut_all();
+    for _ in 0..5_000 {
+        if pair.snap(0).transition == Some(Transition::Stopping) {
+            break;
+        }
+        pair.run_for(TICK);
+    }
+    assert_eq!((pair.state(0), pair.snap(0).transition), (State::Prim, Some(Transition::Stopping)));
+    pair.event(0, Event::ReplicationLost { reason: "the peer has not applied an operation within the timeout".into() });
+    assert_eq!(pair.disk(0).gen_seq, gen_seq, "no generation while stepping down");
+    pair.run_for(secs(5));
+    pair.assert_pair(State::Wait, State::Alone);
+    let n1_generation = pair.snap(1).generation;
+    pair.heal_all();
+    pair.run_for(secs(5));
+    pair.assert_pair(State::Second, State::Prim);
+    assert_eq!(pair.snap(1).generation, n1_generation, "the node the witness chose keeps its data");
+}
+
 // ----- split brain and generations -----
 
 // Proves that without a witness, a split (ALONE-ALONE) is resolved on reconnection in favour

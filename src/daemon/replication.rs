@@ -467,7 +467,10 @@ impl Replication {
             Role::None => {}
             Role::Target(_) => lock(&self.target).in_sync = snapshot.in_sync,
             Role::Source(s) => {
-                s.sink.set_fence(peer.is_some_and(|p| p.state == State::Second && p.in_sync));
+                // Fenced while the peer says it is an up-to-date secondary (it could take over
+                // without what is only recorded here) or acts as primary (a split: this node
+                // may be about to step down, and what it acknowledged now would be lost).
+                s.sink.set_fence(peer.is_some_and(|p| (p.state == State::Second && p.in_sync) || p.acts_primary()));
                 let peer_second =
                     peer.is_some_and(|p| p.state == State::Second && p.transition != Some(Transition::Stopping));
                 // Also while start_prim runs: after a swap the peer is an up-to-date secondary,

@@ -298,7 +298,7 @@ impl Module {
                 }
             }
             Event::ResyncDone { ok } => self.on_resync_done(ok),
-            Event::ReplicationLost { reason } => self.on_replication_lost(&reason),
+            Event::ReplicationLost { reason } => self.on_replication_lost(now, &reason),
             Event::ReplicationUp => self.replication_up = true,
         }
         self.evaluate(now);
@@ -651,14 +651,22 @@ impl Module {
     }
 
     /// The peer no longer receives the changes. If it counts as an up-to-date secondary of
-    /// this generation, a new generation starts, so that it knows (from the next heartbeat)
-    /// that its data is no longer current and cannot take over with it.
-    fn on_replication_lost(&mut self, reason: &str) {
+    /// this generation and is still heard, a new generation starts, so that it knows (from the
+    /// next heartbeat) that its data is no longer current and cannot take over with it.
+    fn on_replication_lost(&mut self, now: Instant, reason: &str) {
         if !self.state.is_primary() {
             return;
         }
         self.replication_up = false;
         self.log(LogLevel::Warn, format!("replication to {} lost: {reason}", self.peer_name()));
+        // A peer silent for `timeout` may have taken over unseen (this node was cut off and is
+        // stepping down for want of a witness, or was frozen and has not handled its timers
+        // yet): a generation of origin `primary` started now would win the split brain and
+        // discard what the peer acknowledged. The heartbeat timeout decides that case.
+        if !self.lan_deadline.iter().flatten().any(|&deadline| deadline > now) {
+            self.log(LogLevel::Warn, "the peer is not heard either: the heartbeat timeout decides");
+            return;
+        }
         if self.state == State::Prim || self.peer_in_sync_second_same_gen() {
             self.log(LogLevel::Warn, "ALONE: the changes are tracked for the resync");
             self.primary_without_peer();

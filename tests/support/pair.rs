@@ -1,11 +1,12 @@
 //! A real pair of `hamirror daemon`s in two lab hosts (tools/lab, docs/lab.md), for the lab
-//! tests (tests/lab_cluster.rs, tests/lab_replication.rs).
+//! tests (tests/lab_cluster.rs, tests/lab_replication.rs, tests/lab_lostwrite.rs).
 //!
 //! Every module runs the `mirror` template's scripts (app-modules/mirror/bin), wrapped so that
 //! each run of start_prim / stop_prim leaves "<host> <script> begin|end <ns>" lines in the
-//! host's `/var/lib/hamirror/trace-<module>`. The application writes "<host> <counter>" into
-//! `/var/lib/hamirror/app-<module>.alive` every 100 ms: a test proves it runs on a host (the
-//! file changes) and not on the other (`pgrep` in that host finds nothing).
+//! host's `/var/lib/hamirror/trace-<module>`. The application (unless [`ModuleSpec::app`] names
+//! another) writes "<host> <counter>" into `/var/lib/hamirror/app-<module>.alive` every 100 ms:
+//! a test proves it runs on a host (the file changes) and not on the other (`pgrep` in that
+//! host finds nothing).
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -69,6 +70,8 @@ pub struct ModuleSpec {
     /// Scripts run instead of the `mirror` template's (`start_prim`, `stop_prim`), still
     /// traced: (script, shell text).
     pub scripts: Vec<(&'static str, String)>,
+    /// The application's shell command (APP_COMMAND); `None`: [`app_command`].
+    pub app: Option<String>,
 }
 
 /// Directory private to each host under which replicated modules keep their data
@@ -88,6 +91,7 @@ impl ModuleSpec {
             replicated: None,
             start_timeout: "10s",
             scripts: Vec::new(),
+            app: None,
         }
     }
     /// Replicates `DATA_DIR/<name>` in `sync` mode (`"sync"` or `"async"`).
@@ -108,6 +112,12 @@ impl ModuleSpec {
     pub fn script(mut self, script: &'static str, text: String) -> ModuleSpec {
         assert!(SCRIPTS.contains(&script), "the lab modules have no script {script} (only {SCRIPTS:?})");
         self.scripts.push((script, text));
+        self
+    }
+    /// Runs `command` as the application instead of [`app_command`] (then [`Pair::app_runs_on`]
+    /// and [`Pair::app_process`] do not find it).
+    pub fn app(mut self, command: &str) -> ModuleSpec {
+        self.app = Some(command.to_string());
         self
     }
 }
@@ -236,7 +246,7 @@ impl Pair {
             pulse = m.pulse,
             timeout = m.timeout,
             start_timeout = m.start_timeout,
-            app = xml_escape(&app_command(&m.name)),
+            app = xml_escape(&m.app.clone().unwrap_or_else(|| app_command(&m.name))),
         );
         let template = Path::new(env!("CARGO_MANIFEST_DIR")).join("app-modules/mirror/bin");
         let bin = dir.join("bin");
