@@ -815,7 +815,13 @@ impl JoinContext {
                         started.elapsed().as_secs_f64()
                     ),
                 );
-                self.shared.finished(summary(true, None));
+                if full || sent > 0 || examined > 0 {
+                    self.shared.finished(summary(true, None));
+                } else {
+                    // Nothing to send (the stream only restarted): the last real resync's
+                    // figures stay in `last_resync`.
+                    self.shared.view.send_modify(|v| v.resync = None);
+                }
                 self.shared.event(Event::ReplicationUp);
                 JoinOutcome::Done
             }
@@ -1297,7 +1303,12 @@ impl TargetHooks for Hooks<'_> {
             if let Err(e) = cleared {
                 shared.say(LogLevel::Error, &format!("cannot clear this node's replication records: {e}"));
             }
-            shared.finished(summary(None));
+            if last.full || last.bytes_sent > 0 || last.bytes_done > 0 {
+                shared.finished(summary(None));
+            } else {
+                // Nothing was sent: the last real resync's figures stay.
+                shared.view.send_modify(|v| v.resync = None);
+            }
             shared.say(LogLevel::Info, &format!("resync from {} done: this node is up to date", shared.peer_name));
         } else {
             shared.finished(summary(Some("the source ended the resync early".into())));
