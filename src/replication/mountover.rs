@@ -1496,10 +1496,11 @@ impl Fs {
     }
 
     fn do_fsync(&self, inode: &Arc<Inode>, file: &File, datasync: bool) -> FsResult<()> {
-        if datasync { sys::fdatasync(file.as_fd()) } else { sys::fsync(file.as_fd()) }.map_err(os_err)?;
         if self.mode == MountMode::ReadOnly {
-            return Ok(());
+            return if datasync { sys::fdatasync(file.as_fd()) } else { sys::fsync(file.as_fd()) }.map_err(os_err);
         }
+        // The peer's flush is asked first, so that it runs while this host flushes: both are
+        // done before the call returns, in whichever order they finish.
         let mark = {
             let _namespace = read(&self.namespace);
             match self.target_of(inode).unwrap_or(Target::Local) {
@@ -1508,6 +1509,7 @@ impl Fs {
                 Target::Gone => inode.last_mark.load(Ordering::Acquire),
             }
         };
+        if datasync { sys::fdatasync(file.as_fd()) } else { sys::fsync(file.as_fd()) }.map_err(os_err)?;
         self.wait_mark(mark)
     }
 
