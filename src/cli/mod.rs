@@ -11,7 +11,7 @@ pub mod client;
 mod modules;
 mod resync;
 mod status;
-mod units;
+pub(crate) mod units;
 mod verify;
 
 use std::net::{IpAddr, SocketAddr};

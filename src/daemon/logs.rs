@@ -43,6 +43,16 @@ impl ModuleLog {
         &self.path
     }
 
+    /// Writes `text` here and to the daemon's own log (tracing), tagged with `module`.
+    pub fn say(&self, module: &str, level: LogLevel, text: &str) {
+        self.line(level, text);
+        match level {
+            LogLevel::Info => tracing::info!(module, "{text}"),
+            LogLevel::Warn => tracing::warn!(module, "{text}"),
+            LogLevel::Error => tracing::error!(module, "{text}"),
+        }
+    }
+
     /// Appends `<rfc3339 UTC time> <LEVEL> <text>`; a newline inside `text` is kept on one
     /// line (shown as `\n`) so that every log line starts with a time.
     pub fn line(&self, level: LogLevel, text: &str) {

@@ -45,6 +45,7 @@ use crate::replication::{Op, OpSink, RelPath};
 use super::control::VerifyRequest;
 use super::logs::ModuleLog;
 use super::supervisor::ModuleContext;
+use crate::cli::units::bytes;
 use crate::replication::status::VerifyReport;
 use crate::replication::verify::{verify, verify_paths, VerifyOptions};
 
@@ -122,8 +123,12 @@ impl ReplicaSink {
         }
     }
 
+    fn current(&self) -> std::sync::RwLockReadGuard<'_, Current> {
+        self.current.read().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn sender(&self) -> Arc<Sender> {
-        self.current.read().unwrap_or_else(|e| e.into_inner()).sender.clone()
+        self.current().sender.clone()
     }
 
     /// Makes `sender` the current one. Call with every mountover paused (no op in flight).
@@ -140,7 +145,7 @@ impl ReplicaSink {
 
     /// Ops numbered up to this went to earlier senders.
     fn base(&self) -> u64 {
-        self.current.read().unwrap_or_else(|e| e.into_inner()).base
+        self.current().base
     }
 
     fn connected(&self) -> bool {
@@ -184,13 +189,13 @@ impl ReplicaSink {
 
 impl OpSink for ReplicaSink {
     fn submit(&self, op: Op) -> u64 {
-        let current = self.current.read().unwrap_or_else(|e| e.into_inner());
+        let current = self.current();
         current.base + current.sender.submit(op)
     }
 
     fn wait_durable(&self, seq: u64) -> io::Result<()> {
         let (sender, base) = {
-            let current = self.current.read().unwrap_or_else(|e| e.into_inner());
+            let current = self.current();
             (current.sender.clone(), current.base)
         };
         if seq <= base {
@@ -245,12 +250,7 @@ struct Shared {
 
 impl Shared {
     fn say(&self, level: LogLevel, text: &str) {
-        self.log.line(level, text);
-        match level {
-            LogLevel::Info => tracing::info!(module = %self.module, "{text}"),
-            LogLevel::Warn => tracing::warn!(module = %self.module, "{text}"),
-            LogLevel::Error => tracing::error!(module = %self.module, "{text}"),
-        }
+        self.log.say(&self.module, level, text);
     }
 
     /// Hands an event to the module's machine from a plain thread, without blocking (the
@@ -811,7 +811,7 @@ impl JoinContext {
                         "{} is up to date and receives every change ({} resync sent {} in {:.1} s)",
                         self.shared.peer_name,
                         if full { "full" } else { "changes-only" },
-                        human_bytes(sent),
+                        bytes(sent),
                         started.elapsed().as_secs_f64()
                     ),
                 );
@@ -997,21 +997,6 @@ fn paused<R>(mounts: &[Mountover], f: impl FnOnce() -> R) -> R {
     match mounts.split_first() {
         None => f(),
         Some((first, rest)) => first.paused(|| paused(rest, f)),
-    }
-}
-
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
     }
 }
 
@@ -1346,7 +1331,7 @@ impl Hooks<'_> {
                     &format!(
                         "split brain: this node's own changes ({} files, {}) were saved in {} before the resync overwrites them",
                         report.files,
-                        human_bytes(report.bytes),
+                        bytes(report.bytes),
                         report.dest.display()
                     ),
                 );

@@ -351,11 +351,6 @@ impl Supervisor {
     }
 
     fn say(&self, level: LogLevel, text: &str) {
-        self.log.line(level, text);
-        match level {
-            LogLevel::Info => tracing::info!(module = %self.config.name, "{text}"),
-            LogLevel::Warn => tracing::warn!(module = %self.config.name, "{text}"),
-            LogLevel::Error => tracing::error!(module = %self.config.name, "{text}"),
-        }
+        self.log.say(&self.config.name, level, text);
     }
 }
