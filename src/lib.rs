@@ -17,6 +17,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod daemon;
+pub mod hypervisor;
 pub mod module;
 pub mod paths;
 pub mod quorum;
