@@ -20,5 +20,6 @@ pub mod daemon;
 pub mod hypervisor;
 pub mod module;
 pub mod paths;
+pub mod peer;
 pub mod quorum;
 pub mod replication;

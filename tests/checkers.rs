@@ -37,7 +37,7 @@ async fn tcp_checker_reports_once_after_listener_closes() {
     let (tx, mut rx) = mpsc::channel(8);
     let kind = CheckKind::Tcp { addr: addr.ip(), port: addr.port() };
     let checks = [check("http", kind, CheckAction::Stopstart)];
-    let set = spawn_checkers("web01", &f.paths, &f.env, &checks, tx);
+    let set = spawn_checkers("web01", &f.paths, &f.env, &checks, None, tx);
     assert_eq!(set.len(), 1);
     assert_eq!(next(&mut rx, INTERVAL * 8).await, None, "a listening port is healthy");
 
@@ -61,7 +61,7 @@ async fn proc_checker_reports_missing_process() {
     let (tx, mut rx) = mpsc::channel(8);
     let kind = CheckKind::Proc { name: "no-such-proc-zz".into(), atleast: 1 };
     let checks = [check("app", kind, CheckAction::Restart)];
-    let _set = spawn_checkers("web01", &f.paths, &f.env, &checks, tx);
+    let _set = spawn_checkers("web01", &f.paths, &f.env, &checks, None, tx);
     let event = next(&mut rx, Duration::from_secs(5)).await.expect("a report");
     assert_eq!(event, Event::CheckerFailed { ident: "app".into(), action: CheckAction::Restart });
 }
@@ -79,7 +79,7 @@ async fn custom_checker_reports_again_after_recovery() {
         check("app", CheckKind::Custom { script: "check_app".into() }, CheckAction::Restart),
         check("ok", CheckKind::Custom { script: "check_ok".into() }, CheckAction::Restart),
     ];
-    let _set = spawn_checkers("web01", &f.paths, &f.env, &checks, tx);
+    let _set = spawn_checkers("web01", &f.paths, &f.env, &checks, None, tx);
     let first = next(&mut rx, Duration::from_secs(5)).await.expect("first report");
     assert_eq!(first, Event::CheckerFailed { ident: "app".into(), action: CheckAction::Restart });
 
@@ -106,7 +106,7 @@ async fn hanging_and_broken_checkers_fail_alone() {
         check("gone", CheckKind::Custom { script: "no_such".into() }, CheckAction::Restart),
         check("tcp", CheckKind::Tcp { addr: addr.ip(), port: addr.port() }, CheckAction::Restart),
     ];
-    let set = spawn_checkers("web01", &f.paths, &f.env, &checks, tx);
+    let set = spawn_checkers("web01", &f.paths, &f.env, &checks, None, tx);
     let mut idents = Vec::new();
     for _ in 0..2 {
         match next(&mut rx, Duration::from_secs(5)).await {

@@ -392,16 +392,24 @@ fn misspelt_element_gets_a_suggestion() {
 }
 
 #[test]
-fn vm_check_says_not_supported_yet() {
-    // The DESIGN.md `<vm>` check is refused with a message saying vm checks come later.
+fn vm_check_watches_the_modules_domain() {
+    // `<check><vm/>` watches the domain named by the module's `<vm>`; without one it is refused.
     let e = module_err(&with_body("<check>\n  <vm ident=\"web01\" action=\"restart\"/>\n</check>"));
     assert_eq!(
         e,
         format!(
-            "{MODULE_FILE}:3: unknown element <vm> in <check>, expected one of <proc>, <tcp>, \
-             <custom> (vm checks are not supported yet)"
+            "{MODULE_FILE}:3: <vm>: expected a <vm name=\"..\"/> element in the module naming the domain to watch, \
+             found a <vm> check in a module without one (add <vm name=\"DOMAIN\"/> to the module, or remove this check)"
         )
     );
+    let m = module(&with_body(
+        "<vm name=\"web01\" uri=\"qemu:///system\"/>\n<check>\n  <vm action=\"stopstart\" interval=\"2s\"/>\n</check>",
+    ))
+    .expect("valid");
+    assert_eq!(m.checks.len(), 1);
+    assert_eq!(m.checks[0].ident, "vm");
+    assert_eq!(m.checks[0].action, CheckAction::Stopstart);
+    assert_eq!(m.checks[0].kind, CheckKind::Vm { name: "web01".into(), uri: "qemu:///system".into() });
 }
 
 #[test]

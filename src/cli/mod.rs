@@ -14,6 +14,8 @@ mod status;
 pub(crate) mod units;
 mod verify;
 
+pub use modules::check_name as check_module_name;
+
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 

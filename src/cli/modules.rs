@@ -23,7 +23,7 @@ pub const MODULE_NAME_BYTES_MAX: usize = 32;
 const COPY_DEPTH_MAX: usize = 32;
 
 /// Refuses names the configuration would refuse, and anything that could leave `modules/`.
-pub(super) fn check_name(name: &str) -> Result<(), Failure> {
+pub fn check_name(name: &str) -> Result<(), Failure> {
     let ok = (1..=MODULE_NAME_BYTES_MAX).contains(&name.len())
         && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
     if ok {

@@ -206,4 +206,7 @@ pub enum CheckKind {
     Tcp { addr: IpAddr, port: u16 },
     /// `<custom ident=".." script=".."/>`: a script in `modules/<name>/bin/` exits 0.
     Custom { script: String },
+    /// `<vm ident=".."/>`: the module's domain (from its `<vm>`) is running: not crashed, not
+    /// shut off from inside the guest, not paused on an I/O error.
+    Vm { name: String, uri: String },
 }

@@ -203,7 +203,7 @@ fn parse_module_lines(text: &str, file: &Path, cluster: &ClusterConfig) -> R<(Mo
     };
     let user = user(&ck, get("user"))?;
     let checks = match get("check") {
-        Some(el) => checks(&ck, el)?,
+        Some(el) => checks(&ck, el, vm.as_ref())?,
         None => Vec::new(),
     };
     let m = ModuleConfig { name, mode, id, heart, failover, splitbrain, rfs, vm, user, checks };
@@ -513,9 +513,9 @@ fn user(ck: &Ck<'_>, el: Option<&Element>) -> R<UserConfig> {
     Ok(UserConfig { nicestoptimeout, forcestoptimeout, starttimeout, vars })
 }
 
-fn checks(ck: &Ck<'_>, el: &Element) -> R<Vec<CheckConfig>> {
+fn checks(ck: &Ck<'_>, el: &Element, vm: Option<&VmConfig>) -> R<Vec<CheckConfig>> {
     ck.attrs(el, &[])?;
-    let allowed = ["proc", "tcp", "custom"];
+    let allowed = ["proc", "tcp", "custom", "vm"];
     let mut out: Vec<CheckConfig> = Vec::new();
     let mut seen: HashMap<String, (String, usize)> = HashMap::new();
     for c in &el.children {
@@ -550,10 +550,24 @@ fn checks(ck: &Ck<'_>, el: &Element) -> R<Vec<CheckConfig>> {
                 )?;
                 (ident, CheckKind::Custom { script })
             }
-            other => {
-                let err = ConfigError::unknown_element(ck.file, c.line, other, Some("check"), &allowed);
-                return Err(if other == "vm" { err.with_note("vm checks are not supported yet") } else { err });
+            "vm" => {
+                ck.attrs(c, &["ident", "action", "interval"])?;
+                let Some(vm) = vm else {
+                    return Err(ck
+                        .bad_el(
+                            c,
+                            "a <vm name=\"..\"/> element in the module naming the domain to watch",
+                            "a <vm> check in a module without one",
+                        )
+                        .with_note("add <vm name=\"DOMAIN\"/> to the module, or remove this check"));
+                };
+                let ident = match c.attr("ident") {
+                    Some(_) => ck.name(c, "ident", is_ident, IDENT_EXPECTED)?,
+                    None => "vm".to_string(),
+                };
+                (ident, CheckKind::Vm { name: vm.name.clone(), uri: vm.uri.clone() })
             }
+            other => return Err(ConfigError::unknown_element(ck.file, c.line, other, Some("check"), &allowed)),
         };
         ck.children(c, &[])?;
         let action = match ck.choice(c, "action", &["restart", "stopstart"], "restart", &[])? {

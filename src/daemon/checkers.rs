@@ -1,4 +1,4 @@
-//! The application checkers of one module (`<check>` in userconfig.xml): proc, tcp, custom.
+//! The application checkers of one module (`<check>` in userconfig.xml): proc, tcp, custom, vm.
 //!
 //! Each checker is its own task and each of its checks runs in a task of its own, so a
 //! checker that panics, errors or hangs only affects itself. A checker reports to the
@@ -7,6 +7,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use tokio::task::JoinHandle;
 use super::logs::{self, ModuleLog};
 use super::scripts::{End, ScriptEnv, Spawned};
 use crate::config::{CheckAction, CheckConfig, CheckKind};
+use crate::hypervisor::{HvError, Hypervisor};
 use crate::module::{Event, LogLevel};
 use crate::paths::Paths;
 
@@ -51,12 +53,13 @@ impl Drop for CheckerSet {
 }
 
 /// Starts one task per check of `module`; each sends [`Event::CheckerFailed`] on `tx`.
-/// Must be called inside a tokio runtime.
+/// `hypervisor` serves the `<vm>` checks. Must be called inside a tokio runtime.
 pub fn spawn_checkers(
     module: &str,
     paths: &Paths,
     env: &ScriptEnv,
     checks: &[CheckConfig],
+    hypervisor: Option<Arc<dyn Hypervisor>>,
     tx: mpsc::Sender<Event>,
 ) -> CheckerSet {
     let shared = Arc::new(Shared {
@@ -64,6 +67,8 @@ pub fn spawn_checkers(
         paths: paths.clone(),
         env: env.clone(),
         log: ModuleLog::new(paths, module),
+        hypervisor,
+        hypervisor_unknown: AtomicBool::new(false),
     });
     let tasks =
         checks.iter().map(|check| tokio::spawn(checker_loop(shared.clone(), check.clone(), tx.clone()))).collect();
@@ -76,6 +81,9 @@ struct Shared {
     paths: Paths,
     env: ScriptEnv,
     log: ModuleLog,
+    hypervisor: Option<Arc<dyn Hypervisor>>,
+    /// The hypervisor did not answer the last vm check (said once in the log).
+    hypervisor_unknown: AtomicBool,
 }
 
 /// Aborts the task when dropped, so that stopping a checker also stops its current check.
@@ -168,6 +176,34 @@ async fn check_once(shared: Arc<Shared>, kind: CheckKind, interval: Duration) ->
             }
         }
         CheckKind::Custom { script } => run_custom(&shared, &script, interval).await,
+        CheckKind::Vm { name, .. } => check_vm(&shared, name).await,
+    }
+}
+
+/// The domain's state says it runs. A hypervisor that does not answer says nothing about the
+/// VM: that is not a failure (a libvirtd restart must not fail the VM over).
+async fn check_vm(shared: &Arc<Shared>, name: String) -> Result<(), String> {
+    let Some(hv) = shared.hypervisor.clone() else {
+        return Err("the module has no hypervisor connection".into());
+    };
+    let state = tokio::task::spawn_blocking(move || hv.state(&name))
+        .await
+        .map_err(|_| "cannot ask the hypervisor (the check task failed)".to_string())?;
+    match state {
+        Ok(state) => {
+            if shared.hypervisor_unknown.swap(false, Ordering::Relaxed) {
+                shared.log.line(LogLevel::Info, "the hypervisor answers again");
+            }
+            super::vm::judge(&state)
+        }
+        Err(HvError::Unreachable { uri, why }) => {
+            if !shared.hypervisor_unknown.swap(true, Ordering::Relaxed) {
+                let text = format!("the hypervisor at {uri} does not answer ({why}): the VM's state is unknown, which is not counted as a failure");
+                shared.log.line(LogLevel::Warn, &text);
+            }
+            Ok(())
+        }
+        Err(e) => Err(e.to_string()),
     }
 }
 

@@ -6,6 +6,7 @@ pub mod logs;
 pub mod replication;
 pub mod scripts;
 pub mod supervisor;
+pub mod vm;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -231,8 +232,18 @@ async fn run_async(opts: DaemonOptions) -> anyhow::Result<()> {
         log_dir: paths.log_dir(),
         reload: Some(reload_tx),
     }));
+    let cluster = Arc::new(cluster);
+    crate::peer::serve(crate::peer::PeerServerContext {
+        paths: paths.clone(),
+        cluster: cluster.clone(),
+        node_index: if pair[0] == node { 0 } else { 1 },
+        node: node.clone(),
+        key: key.clone(),
+        control: control.clone(),
+        runtime: tokio::runtime::Handle::current(),
+    });
     let mut running = Running {
-        ctx: ModuleContext { paths: paths.clone(), cluster: Arc::new(cluster), node, pair, key, epoch },
+        ctx: ModuleContext { paths: paths.clone(), cluster, node, pair, key, epoch },
         control: control.clone(),
         tasks: BTreeMap::new(),
         shutdown: shutdown_rx.clone(),

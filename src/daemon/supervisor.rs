@@ -18,13 +18,16 @@ use super::control::{ModuleHandle, ModuleRequest, ModuleView, VerifyRequest};
 use super::logs::ModuleLog;
 use super::replication::Replication;
 use super::scripts::{run_script, ScriptEnv};
-use crate::module::{Script, ScriptOutcome};
+use super::vm::{ModuleVm, PeerLink};
+use crate::module::{Script, ScriptOutcome, State};
 use crate::replication::status::DataRole;
 
 /// Admin requests waiting for one module's task.
 const COMMAND_QUEUE_MAX: usize = 16;
 /// Script, witness and checker results waiting for one module's task.
 const EVENT_QUEUE_MAX: usize = 64;
+/// How often a VM module's primary checks that the peer has its domain's current definition.
+const DEFINITION_SYNC_EVERY: Duration = Duration::from_secs(10);
 
 /// A timer that fires this much after its deadline means this daemon was stalled (see
 /// [`Supervisor::read_backlog`]); the machine's pulse timer keeps deadlines at most one pulse
@@ -117,6 +120,18 @@ pub fn start_module(
         None => (None, None, None, None),
     };
     let env = ScriptEnv::new(&ctx.paths, &config.name, &ctx.node, Some(&peer), &config.user.vars);
+    let vm = config.vm.as_ref().map(|vm| {
+        let link =
+            PeerLink { cluster: ctx.cluster.clone(), key: ctx.key.clone(), node: ctx.node.clone(), peer: peer.clone() };
+        Arc::new(ModuleVm::new(
+            &config.name,
+            vm.clone(),
+            Arc::from(crate::hypervisor::connect(&vm.uri)),
+            link,
+            ctx.paths.module_state_dir(&config.name),
+            ModuleLog::new(&ctx.paths, &config.name),
+        ))
+    });
     let supervisor = Supervisor {
         log: ModuleLog::new(&ctx.paths, &config.name),
         paths: ctx.paths.clone(),
@@ -132,6 +147,7 @@ pub fn start_module(
         shutdown,
         replication,
         verify: verify_rx,
+        vm,
     };
     let rejected = Some(supervisor.heartbeats.counters());
     let task = tokio::spawn(supervisor.run());
@@ -164,6 +180,8 @@ struct Supervisor {
     /// `None` when the module replicates no directory.
     replication: Option<Replication>,
     verify: Option<mpsc::Receiver<VerifyRequest>>,
+    /// The module's domain (`<vm>`), started and stopped with the primary role.
+    vm: Option<Arc<ModuleVm>>,
 }
 
 impl Supervisor {
@@ -172,6 +190,8 @@ impl Supervisor {
         self.execute().await;
         let mut shutting_down = false;
         let mut commands_open = true;
+        let mut definition_sync = tokio::time::interval(DEFINITION_SYNC_EVERY);
+        definition_sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if shutting_down && self.machine.is_stopped() {
                 break;
@@ -206,6 +226,12 @@ impl Supervisor {
                     match &self.replication {
                         Some(r) => r.verify(reply),
                         None => { let _ = reply.send(Err("this module replicates no directory".into())); }
+                    }
+                }
+                _ = definition_sync.tick(), if self.vm.is_some() => {
+                    if let (Some(vm), State::Prim | State::Alone) = (&self.vm, self.machine.state()) {
+                        let vm = vm.clone();
+                        tokio::task::spawn_blocking(move || vm.sync_definition());
                     }
                 }
                 changed = self.shutdown.changed(), if !shutting_down => {
@@ -284,8 +310,12 @@ impl Supervisor {
                     let user = self.config.user.clone();
                     let state = self.machine.state();
                     let tx = self.events_tx.clone();
+                    let vm = self.vm.clone();
                     tokio::spawn(async move {
-                        let outcome = run_script(&paths, &env, state, script, &user).await;
+                        let outcome = match vm {
+                            Some(vm) => run_vm_step(&paths, &env, state, script, &user, vm).await,
+                            None => run_script(&paths, &env, state, script, &user).await,
+                        };
                         let _ = tx.send(Event::ScriptDone { script, outcome }).await;
                     });
                 }
@@ -312,6 +342,7 @@ impl Supervisor {
                             &self.paths,
                             &self.env,
                             &self.config.checks,
+                            self.vm.as_ref().map(|vm| vm.hypervisor()),
                             self.events_tx.clone(),
                         )
                     });
@@ -352,5 +383,59 @@ impl Supervisor {
 
     fn say(&self, level: LogLevel, text: &str) {
         self.log.say(&self.config.name, level, text);
+    }
+}
+
+/// A step of a VM module: the domain starts after `start_prim` succeeded and stops before
+/// `stop_prim` runs (the user's scripts see the VM's data mounted either way). A domain that
+/// cannot start or stop fails the step like a failed script.
+async fn run_vm_step(
+    paths: &Paths,
+    env: &ScriptEnv,
+    state: State,
+    script: Script,
+    user: &crate::config::UserConfig,
+    vm: Arc<ModuleVm>,
+) -> ScriptOutcome {
+    let blocking = |f: fn(&ModuleVm) -> Result<(), String>| {
+        let vm = vm.clone();
+        async move {
+            match tokio::task::spawn_blocking(move || f(&vm)).await {
+                Ok(result) => result,
+                Err(_) => Err("the hypervisor call failed (its task ended)".to_string()),
+            }
+        }
+    };
+    match script {
+        Script::StartPrim => {
+            let outcome = run_script(paths, env, state, script, user).await;
+            if outcome != ScriptOutcome::Ok {
+                return outcome;
+            }
+            match blocking(|vm| vm.start()).await {
+                Ok(()) => {
+                    let vm = vm.clone();
+                    tokio::task::spawn_blocking(move || vm.sync_definition());
+                    ScriptOutcome::Ok
+                }
+                Err(e) => {
+                    vm.say(LogLevel::Error, &e);
+                    ScriptOutcome::Failed
+                }
+            }
+        }
+        Script::StopPrim => {
+            let stopped = blocking(|vm| vm.stop().map(|_| ())).await;
+            if let Err(e) = &stopped {
+                vm.say(LogLevel::Error, e);
+            }
+            let outcome = run_script(paths, env, state, script, user).await;
+            if stopped.is_err() {
+                ScriptOutcome::Failed
+            } else {
+                outcome
+            }
+        }
+        _ => run_script(paths, env, state, script, user).await,
     }
 }

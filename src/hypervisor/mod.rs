@@ -8,10 +8,10 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The state of one domain, as the hypervisor reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "state")]
 pub enum DomainState {
     /// Running (or blocked on a resource: still alive).
@@ -97,4 +97,8 @@ pub trait Hypervisor: Send + Sync {
     /// Whether the hypervisor starts `name` at its own boot.
     fn autostart(&self, name: &str) -> Result<bool, HvError>;
     fn set_autostart(&self, name: &str, on: bool) -> Result<(), HvError>;
+}
+// TEMP
+pub fn connect(_uri: &str) -> Box<dyn Hypervisor> {
+    todo!()
 }

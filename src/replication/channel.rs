@@ -472,6 +472,13 @@ impl<W: Write> FrameWriter<W> {
         self.finish()
     }
 
+    /// Sends one frame carrying `plaintext` as it is (see [`FrameReader::poll_raw`]).
+    pub fn send_raw(&mut self, plaintext: &[u8]) -> Result<(), ChannelError> {
+        self.start();
+        self.buf.extend_from_slice(plaintext);
+        self.finish()
+    }
+
     /// Pushes buffered frames to the socket.
     pub fn flush(&mut self) -> Result<(), ChannelError> {
         self.out.flush().map_err(ChannelError::Io)
@@ -553,6 +560,19 @@ impl<R: Read> FrameReader<R> {
     /// The next message, or `None` when the underlying read timed out (a partly read frame is
     /// kept for the next call). Never panics, whatever the bytes.
     pub fn poll(&mut self) -> Result<Option<Message>, ChannelError> {
+        self.poll_with(decode_plaintext)
+    }
+
+    /// The next frame's plaintext, for protocols other than replication that use this
+    /// transport (the peer service); `None` as in [`FrameReader::poll`].
+    pub fn poll_raw(&mut self) -> Result<Option<Vec<u8>>, ChannelError> {
+        self.poll_with(|plaintext| Ok(plaintext.to_vec()))
+    }
+
+    fn poll_with<T>(
+        &mut self,
+        decode: impl FnOnce(&[u8]) -> Result<T, ChannelError>,
+    ) -> Result<Option<T>, ChannelError> {
         loop {
             let need = if self.have < LENGTH_BYTES { LENGTH_BYTES } else { self.buf.len() };
             if self.have == need {
@@ -567,7 +587,7 @@ impl<R: Read> FrameReader<R> {
                     self.buf.resize(LENGTH_BYTES + len, 0);
                     continue;
                 }
-                let message = self.open();
+                let message = self.open().and_then(decode);
                 self.have = 0;
                 self.buf.truncate(LENGTH_BYTES);
                 return message.map(Some);
@@ -584,7 +604,7 @@ impl<R: Read> FrameReader<R> {
     }
 
     /// Decrypts and decodes the complete frame in `buf`.
-    fn open(&mut self) -> Result<Message, ChannelError> {
+    fn open(&mut self) -> Result<&[u8], ChannelError> {
         if self.counter >= FRAMES_PER_CONNECTION_MAX {
             return Err(ChannelError::CounterExhausted);
         }
@@ -595,7 +615,7 @@ impl<R: Read> FrameReader<R> {
         let (ciphertext, tag) = body.split_at_mut(body.len() - TAG_BYTES);
         let tag = Tag::from_slice(tag);
         self.cipher.decrypt_in_place_detached(&nonce, prefix, ciphertext, tag).map_err(|_| ChannelError::FrameAuth)?;
-        decode_plaintext(ciphertext)
+        Ok(ciphertext)
     }
 }
 
