@@ -13,6 +13,7 @@ mod resync;
 mod status;
 pub(crate) mod units;
 mod verify;
+mod vm;
 
 pub use modules::check_name as check_module_name;
 
@@ -139,6 +140,41 @@ pub enum Command {
         #[command(subcommand)]
         command: ClusterCommand,
     },
+    /// Protect a VM with a mirror module on both hosts, or stop protecting it.
+    Vm {
+        #[command(subcommand)]
+        command: VmCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Turn a domain into a mirror module: its disk directories replicated, the VM watched and
+    /// restarted on the surviving host; installed on both hosts (both daemons must run).
+    Register {
+        /// The domain's name in the hypervisor.
+        domain: String,
+        /// The hypervisor: a libvirt URI, or hyperv:///local for Hyper-V.
+        #[arg(long, default_value = crate::config::DEFAULT_VM_URI)]
+        uri: String,
+        /// The module's name (default: the domain's).
+        #[arg(long)]
+        module: Option<String>,
+        /// Show what would be done, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// With --dry-run: print the plan as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Heartbeat period of the module.
+        #[arg(long, default_value = vm::DEFAULT_PULSE)]
+        pulse: String,
+        /// Silence after which the peer is declared dead.
+        #[arg(long, default_value = vm::DEFAULT_TIMEOUT)]
+        timeout: String,
+    },
+    /// Remove a stopped VM module from both hosts; the disks and this host's domain stay.
+    Unregister { module: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -208,10 +244,11 @@ pub fn main() -> i32 {
 /// Runs one parsed command; `Ok` carries the exit code.
 pub fn run(cli: Cli) -> Result<i32, Failure> {
     let ctx = Ctx { paths: Paths::new(cli.home, cli.state_dir), api: cli.api };
+    let node = cli.node.as_deref();
     match cli.command {
         Command::Daemon { listen } => {
             let api_listen = parse_listen(&listen)?;
-            let opts = crate::daemon::DaemonOptions { paths: ctx.paths, node: cli.node, api_listen };
+            let opts = crate::daemon::DaemonOptions { paths: ctx.paths, node: node.map(str::to_string), api_listen };
             crate::daemon::run(opts).map_err(|e| Failure::new(format!("{e:#}")))?;
             Ok(0)
         }
@@ -232,6 +269,20 @@ pub fn run(cli: Cli) -> Result<i32, Failure> {
             ModuleCommand::Remove { name } => modules::remove(&ctx, &name),
         },
         Command::Cluster { command: ClusterCommand::Genkey } => genkey(&ctx),
+        Command::Vm { command: VmCommand::Register { domain, uri, module, dry_run, json, pulse, timeout } } => {
+            let args = vm::RegisterArgs {
+                domain: &domain,
+                uri: &uri,
+                module: module.as_deref(),
+                node,
+                pulse: &pulse,
+                timeout: &timeout,
+                dry_run,
+                json,
+            };
+            vm::register(&ctx, &args)
+        }
+        Command::Vm { command: VmCommand::Unregister { module } } => vm::unregister(&ctx, &module, node),
     }
 }
 
