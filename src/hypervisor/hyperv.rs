@@ -430,7 +430,16 @@ fn synthesise_xml(vm: &Vm, disks: &[Disk]) -> Result<String, quick_xml::Error> {
     w.create_element("devices").write_inner_content(|w| {
         for disk in disks {
             match (&disk.path, disk.disk_number) {
-                (Some(path), _) => {
+                // A physical disk passed through to the VM (its Path is a description, not a file).
+                (_, Some(number)) => {
+                    let dev = format!("\\\\.\\PhysicalDrive{number}");
+                    w.create_element("disk")
+                        .with_attributes([("type", "block"), ("device", "disk")])
+                        .write_inner_content(|w| {
+                            w.create_element("source").with_attribute(("dev", dev.as_str())).write_empty().map(drop)
+                        })?;
+                }
+                (Some(path), None) => {
                     let format = match path.rsplit_once('.').map(|(_, ext)| ext.to_ascii_lowercase()) {
                         Some(ext) if ext == "vhdx" => "vhdx",
                         Some(ext) if ext == "vhd" => "vpc",
@@ -441,15 +450,6 @@ fn synthesise_xml(vm: &Vm, disks: &[Disk]) -> Result<String, quick_xml::Error> {
                         .write_inner_content(|w| {
                             w.create_element("driver").with_attribute(("type", format)).write_empty()?;
                             w.create_element("source").with_attribute(("file", path.as_str())).write_empty().map(drop)
-                        })?;
-                }
-                // A physical disk passed through to the VM.
-                (None, Some(number)) => {
-                    let dev = format!("\\\\.\\PhysicalDrive{number}");
-                    w.create_element("disk")
-                        .with_attributes([("type", "block"), ("device", "disk")])
-                        .write_inner_content(|w| {
-                            w.create_element("source").with_attribute(("dev", dev.as_str())).write_empty().map(drop)
                         })?;
                 }
                 (None, None) => {}
