@@ -151,10 +151,10 @@ impl Hypervisor for Libvirt {
     fn state(&self, name: &str) -> Result<DomainState, HvError> {
         let owned = name.to_string();
         let state = self.call(move |session| {
-            session.run(Some(&owned), |conn| match conn.lookup_domain_by_name(&owned) {
-                Ok(dom) => dom.state().map(Some),
-                // Only a definite "no such domain" answer: a connection problem is retried,
-                // then reported as Unreachable by `run`.
+            session.run(Some(&owned), |conn| match conn.lookup_domain_by_name(&owned).and_then(|dom| dom.state()) {
+                Ok(state) => Ok(Some(state)),
+                // Only a definite "no such domain" answer (also: undefined since the lookup);
+                // a connection problem is retried, then reported as Unreachable by `run`.
                 Err(e) if is_code(&e, ErrorNumber::NoDomain) => Ok(None),
                 Err(e) => Err(e),
             })
