@@ -98,7 +98,17 @@ pub trait Hypervisor: Send + Sync {
     fn autostart(&self, name: &str) -> Result<bool, HvError>;
     fn set_autostart(&self, name: &str, on: bool) -> Result<(), HvError>;
 }
-// TEMP
-pub fn connect(_uri: &str) -> Box<dyn Hypervisor> {
-    todo!()
+
+pub mod hyperv;
+pub mod libvirt;
+
+/// The driver for `uri`: Hyper-V (through PowerShell) for a `hyperv` scheme such as
+/// `hyperv:///local`, libvirt for anything else. Opens nothing: the first call does.
+pub fn connect(uri: &str) -> Box<dyn Hypervisor> {
+    let scheme = uri.split_once(':').map_or("", |(scheme, _)| scheme);
+    if scheme.eq_ignore_ascii_case("hyperv") {
+        Box::new(hyperv::HyperV::new(uri, Box::new(hyperv::SystemPowerShell::new())))
+    } else {
+        Box::new(libvirt::Libvirt::new(uri))
+    }
 }
