@@ -538,22 +538,31 @@ impl<'a> Planner<'a> {
     fn check_host(&mut self, name: &str, path: &str, needs_dir: bool) -> bool {
         let fs = self.input.fs;
         let p = Path::new(path);
-        match fs.kind(p) {
-            Ok(FileKind::Device) => {
-                self.refuse(format!(
-                    "{name} uses the device {path}: raw block devices cannot be replicated: move the disk to a file, e.g. qemu-img convert"
-                ));
-                return false;
-            }
+        let kind = fs.kind(p);
+        if let Ok(FileKind::Device) = kind {
+            self.refuse(format!(
+                "{name} uses the device {path}: raw block devices cannot be replicated: move the disk to a file, e.g. qemu-img convert"
+            ));
+            return false;
+        }
+        let dir = parent(false, path).unwrap_or_else(|| "/".to_string());
+        if needs_dir && SYSTEM_DIRS.contains(&dir.as_str()) {
+            self.refuse(format!(
+                "{name}: {path} lies directly in {dir}, which cannot be replicated as a whole: move the disk to a directory of its own such as /var/lib/libvirt/images/{}/",
+                self.domain.name
+            ));
+            return false;
+        }
+        match kind {
+            Ok(FileKind::File) => {}
             Ok(FileKind::Missing) => {
                 self.refuse(format!("{name}: {path} does not exist on this host"));
                 return false;
             }
-            Ok(FileKind::Dir | FileKind::Other) => {
+            Ok(_) => {
                 self.refuse(format!("{name}: {path} is not a regular file"));
                 return false;
             }
-            Ok(FileKind::File) => {}
             Err(e) => {
                 self.refuse(format!("{name}: cannot read {path}: {e}"));
                 return false;
@@ -561,14 +570,6 @@ impl<'a> Planner<'a> {
         }
         if !needs_dir {
             return true;
-        }
-        let dir = parent(false, path).unwrap_or_else(|| "/".to_string());
-        if SYSTEM_DIRS.contains(&dir.as_str()) {
-            self.refuse(format!(
-                "{name}: {path} lies directly in {dir}, which cannot be replicated as a whole: move the disk to a directory of its own such as /var/lib/libvirt/images/{}/",
-                self.domain.name
-            ));
-            return false;
         }
         match fs.fs_magic(p) {
             Ok(FUSE_MAGIC) if self.under_mountover(p) => {}
