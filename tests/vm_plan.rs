@@ -270,3 +270,82 @@ fn hyperv_domain_planned_without_the_filesystem() {
     let err = plan_of(&at_root, &inp).unwrap_err();
     assert_eq!(err, "E:\\win01.vhdx lies at the root of a drive: move it to a folder of its own");
 }
+
+/// A host where every listed path is a regular file on a filesystem of the given magic.
+struct FakeFs {
+    files: Vec<(&'static str, i64)>,
+    mountovers: Vec<PathBuf>,
+}
+
+impl plan::Fs for FakeFs {
+    fn kind(&self, path: &Path) -> std::io::Result<plan::FileKind> {
+        let found = self.files.iter().any(|(f, _)| Path::new(f) == path);
+        Ok(if found { plan::FileKind::File } else { plan::FileKind::Missing })
+    }
+    fn read(&self, _: &Path, _: u64, _: usize) -> std::io::Result<Vec<u8>> {
+        Ok(Vec::new())
+    }
+    fn fs_magic(&self, path: &Path) -> std::io::Result<i64> {
+        Ok(self.files.iter().find(|(f, _)| Path::new(f) == path).map_or(0xEF53, |(_, m)| *m))
+    }
+    fn mountovers(&self) -> Vec<PathBuf> {
+        self.mountovers.clone()
+    }
+    fn list(&self, dir: &Path) -> std::io::Result<Vec<String>> {
+        let names = self.files.iter().filter_map(|(f, _)| Path::new(f).strip_prefix(dir).ok());
+        Ok(names.filter(|n| n.components().count() == 1).map(|n| n.display().to_string()).collect())
+    }
+    fn snapshots(&self, _: &str) -> std::io::Result<Vec<String>> {
+        Ok(Vec::new())
+    }
+}
+
+fn one_disk(path: &str, nvram: &str) -> String {
+    format!(
+        "<domain type='kvm'><name>web01</name><os><nvram>{nvram}</nvram></os><devices>\
+         <disk type='file' device='disk'><driver type='raw'/><source file='{path}'/><target dev='vda'/></disk>\
+         </devices></domain>"
+    )
+}
+
+// libvirt's shared pools are proposed only when they hold nothing but this VM's files; shared
+// and network filesystems are refused, FUSE only when it is not our own mountover.
+#[test]
+fn shared_pools_and_shared_filesystems() {
+    const EXT4: i64 = 0xEF53;
+    let plan_with = |fs: &FakeFs, xml: &str| {
+        plan::plan(
+            &domain::parse(xml).unwrap(),
+            &PlanInput { module_name: None, modules: &[], uri: "qemu:///system", id: None, peer: None, fs },
+        )
+    };
+    let fake = FakeFs {
+        files: vec![
+            ("/var/lib/libvirt/images/web01.img", EXT4),
+            ("/var/lib/libvirt/qemu/nvram/web01_VARS.fd", EXT4),
+            ("/var/lib/libvirt/qemu/nvram/db01_VARS.fd", EXT4),
+            ("/srv/vm/web01/VARS.fd", EXT4),
+            ("/nfs/vm/web01.img", 0x6969),
+            ("/gluster/vm/web01.img", 0x6573_5546),
+            ("/srv/mirrored/web01.img", 0x6573_5546),
+        ],
+        mountovers: vec![PathBuf::from("/srv/mirrored")],
+    };
+    let plan = plan_with(&fake, &one_disk("/var/lib/libvirt/images/web01.img", "/srv/vm/web01/VARS.fd")).unwrap();
+    let dirs: Vec<&str> = plan.dirs.iter().map(|d| d.dir.as_str()).collect();
+    assert_eq!(dirs, ["/srv/vm/web01", "/var/lib/libvirt/images"]);
+    assert!(render::describe(&plan).contains("the lowest free id"));
+
+    let err =
+        plan_with(&fake, &one_disk("/var/lib/libvirt/images/web01.img", "/var/lib/libvirt/qemu/nvram/web01_VARS.fd"))
+            .unwrap_err();
+    assert_eq!(
+        err,
+        "/var/lib/libvirt/qemu/nvram/web01_VARS.fd lies in /var/lib/libvirt/qemu/nvram, which also holds files of other VMs (db01_VARS.fd): move this VM's files to a directory of its own such as /var/lib/libvirt/images/web01/ and update the domain (virsh edit)"
+    );
+    let err = plan_with(&fake, &one_disk("/nfs/vm/web01.img", "/srv/vm/web01/VARS.fd")).unwrap_err();
+    assert!(err.starts_with("disk vda: /nfs/vm/web01.img is on shared or network storage (NFS)"), "{err}");
+    let err = plan_with(&fake, &one_disk("/gluster/vm/web01.img", "/srv/vm/web01/VARS.fd")).unwrap_err();
+    assert!(err.contains("(FUSE"), "{err}");
+    assert!(plan_with(&fake, &one_disk("/srv/mirrored/web01.img", "/srv/vm/web01/VARS.fd")).is_ok());
+}
