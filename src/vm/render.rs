@@ -84,7 +84,7 @@ pub fn describe(plan: &Plan) -> String {
     if !plan.peer_files.is_empty() {
         let _ = writeln!(s, "\nnot replicated, must exist at the same path on {peer}:");
         for f in &plan.peer_files {
-            let _ = writeln!(s, "  {}  ({})", f.path, f.what);
+            let _ = writeln!(s, "  {}  {}", f.path, f.what);
         }
     }
     if !plan.notes.is_empty() {
