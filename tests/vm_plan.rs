@@ -153,6 +153,16 @@ fn block_disk_refused() {
     let as_file = "<domain><name>n</name><devices><disk type='file'><source file='/dev/null'/><target dev='vdz'/></disk></devices></domain>";
     let err = plan_of(as_file, &input(&fs, &[])).unwrap_err();
     assert!(err.contains("disk vdz uses the device /dev/null: raw block devices cannot be replicated"), "{err}");
+    // A host drive passed through is not refused: the peer needs one too. A VM with no disk
+    // image has nothing to replicate.
+    let drive = "<domain><name>n</name><devices><disk type='block' device='cdrom'><source dev='/dev/sr0'/><target dev='sdc'/></disk>@DISK@</devices></domain>";
+    let err = plan_of(&drive.replace("@DISK@", ""), &input(&fs, &[])).unwrap_err();
+    assert_eq!(err, "n has no disk image to replicate: a VM module needs at least one");
+    let t = tempfile::tempdir().unwrap();
+    fs::write(t.path().join("n.img"), b"").unwrap();
+    let disk = format!("<disk><driver type='raw'/><source file='{}/n.img'/></disk>", t.path().display());
+    let plan = plan_of(&drive.replace("@DISK@", &disk), &input(&fs, &[])).unwrap();
+    assert_eq!(plan.peer_files[0].what, "host cdrom drive passed to sdc");
 }
 
 // Network and pool volume disks are refused, one sentence each.

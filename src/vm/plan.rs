@@ -341,6 +341,9 @@ pub fn plan(domain: &Domain, input: &PlanInput<'_>) -> Result<Plan, String> {
     p.collect();
     let dirs = p.propose();
     p.check_modules(&module, &dirs);
+    if dirs.is_empty() && p.refusals.is_empty() {
+        p.refusals.push(format!("{} has no disk image to replicate: a VM module needs at least one", domain.name));
+    }
     if !p.refusals.is_empty() {
         return Err(p.refusals.join("\n"));
     }
@@ -438,6 +441,12 @@ impl<'a> Planner<'a> {
                     continue;
                 }
                 (Some(Source::File { path }), "file") => path.clone(),
+                // A host's optical or floppy drive passed through: the peer needs one too.
+                (Some(Source::Dev { path }), _) if media => {
+                    let what = format!("host {} drive passed to {target}", disk.device);
+                    self.peer_file(path, &what);
+                    continue;
+                }
                 (Some(s @ Source::Dev { .. }), _) => {
                     self.refuse(format!(
                         "{name} uses the block device {s}: raw block devices cannot be replicated: move the disk to a file, e.g. qemu-img convert"
