@@ -10,6 +10,7 @@
 //! - [`api`]: the admin HTTP API (Unix socket and TCP) and the health-check URL.
 //! - [`cli`]: the client commands.
 //! - [`replication`]: mountover, sync protocol, dirty-zone maps, resync (being built).
+//! - [`vm`]: `vm register`: a domain's XML, its files, the module that protects them.
 //! - [`paths`]: where files live.
 
 pub mod api;
@@ -23,3 +24,4 @@ pub mod paths;
 pub mod peer;
 pub mod quorum;
 pub mod replication;
+pub mod vm;

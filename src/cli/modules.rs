@@ -35,20 +35,21 @@ pub fn check_name(name: &str) -> Result<(), Failure> {
     }
 }
 
-/// Where module templates are looked up, first match wins: `$HAMIRROR_TEMPLATES`, then
-/// `<dir of the executable>/../share/hamirror/app-modules`, `/usr/share/hamirror/app-modules`,
-/// and the source tree's `app-modules/`.
+/// Where module templates are looked up, first match wins: the directories of
+/// `$HAMIRROR_TEMPLATES` (a `:`-separated list), else `<dir of the executable>/../share/hamirror`,
+/// `/usr/share/hamirror` and the source tree, each with its `app-modules/` then its
+/// `vm-modules/`.
 pub fn template_dirs() -> Vec<PathBuf> {
-    if let Some(dir) = std::env::var_os("HAMIRROR_TEMPLATES").filter(|d| !d.is_empty()) {
-        return vec![PathBuf::from(dir)];
+    if let Some(list) = std::env::var_os("HAMIRROR_TEMPLATES").filter(|d| !d.is_empty()) {
+        return std::env::split_paths(&list).filter(|d| !d.as_os_str().is_empty()).collect();
     }
-    let mut dirs = Vec::new();
+    let mut bases = Vec::new();
     if let Some(bin_dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
-        dirs.push(bin_dir.join("../share/hamirror/app-modules"));
+        bases.push(bin_dir.join("../share/hamirror"));
     }
-    dirs.push(PathBuf::from("/usr/share/hamirror/app-modules"));
-    dirs.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("app-modules"));
-    dirs
+    bases.push(PathBuf::from("/usr/share/hamirror"));
+    bases.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    bases.iter().flat_map(|b| [b.join("app-modules"), b.join("vm-modules")]).collect()
 }
 
 /// `DIR` if it is a directory, else the template of that name.
@@ -64,21 +65,21 @@ fn resolve_source(source: &str) -> Result<PathBuf, Failure> {
             return Ok(found);
         }
     }
-    let known = dirs.iter().find(|d| d.is_dir());
-    let hint = match known {
-        Some(d) => {
-            let mut names: Vec<String> = fs::read_dir(d)
-                .map(|rd| {
-                    rd.flatten()
-                        .filter(|e| e.path().is_dir())
-                        .map(|e| e.file_name().to_string_lossy().into_owned())
-                        .collect()
-                })
-                .unwrap_or_default();
-            names.sort();
-            format!("the templates in {} are: {}", d.display(), names.join(", "))
-        }
-        None => "no template directory was found (set HAMIRROR_TEMPLATES)".to_string(),
+    let known: Vec<&PathBuf> = dirs.iter().filter(|d| d.is_dir()).collect();
+    let hint = if known.is_empty() {
+        "no template directory was found (set HAMIRROR_TEMPLATES)".to_string()
+    } else {
+        let mut names: Vec<String> = known
+            .iter()
+            .filter_map(|d| fs::read_dir(d).ok())
+            .flat_map(|rd| rd.flatten())
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names.dedup();
+        let places: Vec<String> = known.iter().map(|d| d.display().to_string()).collect();
+        format!("the templates in {} are: {}", places.join(" and "), names.join(", "))
     };
     Err(Failure::new(format!("there is no module directory or template named {source} ({hint})")))
 }
