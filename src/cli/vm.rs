@@ -147,11 +147,15 @@ pub(super) fn register(ctx: &Ctx, args: &RegisterArgs<'_>) -> Result<i32, Failur
         fs: &fs,
     };
     let plan = plan(&dom, &input).map_err(Failure::new)?;
+    let running = hv.state(&dom.name).map_err(|e| hv_failure(e, "cannot read the domain's state"))?.is_active();
     if args.dry_run {
         if args.json {
             println!("{}", render::json(&plan));
         } else {
             print!("{}", render::describe(&plan));
+            if running {
+                println!("{} runs: it will be shut down, then started by hamirror on the replicated disks", dom.name);
+            }
             println!("(dry run: nothing was changed)");
         }
         return Ok(0);
@@ -183,6 +187,17 @@ pub(super) fn register(ctx: &Ctx, args: &RegisterArgs<'_>) -> Result<i32, Failur
     let off = PeerRequest::SetAutostart { uri: args.uri.to_string(), name: dom.name.clone(), on: false };
     call(&mut peer, &off)?;
     done.push(format!("autostart of {} is off on {}", dom.name, pair.peer));
+    if running {
+        // qemu's open files would bypass the replication: the module starts the VM again
+        // once its directories are mirrored.
+        let stop_timeout = config.vm.as_ref().map_or(Duration::from_secs(120), |v| v.stop_timeout);
+        let how = hv.shutdown(&dom.name, stop_timeout).map_err(|e| hv_failure(e, "cannot shut the domain down"))?;
+        let verb = match how {
+            crate::hypervisor::StopOutcome::Destroyed => "destroyed (it did not shut down in time)",
+            _ => "shut down",
+        };
+        done.push(format!("domain {} {verb} on {}: hamirror starts it on the replicated disks", dom.name, pair.node));
+    }
     for d in &plan.dirs {
         std::fs::create_dir_all(&d.dir).map_err(|e| Failure::new(format!("cannot create {}: {e}", d.dir)))?;
     }
@@ -191,10 +206,8 @@ pub(super) fn register(ctx: &Ctx, args: &RegisterArgs<'_>) -> Result<i32, Failur
     done.push(format!("installed module {module} (id {id}) on {}", pair.peer));
     write_module(&ctx.paths.module_dir(&module), &text)?;
     done.push(format!("installed module {module} (id {id}) on {} in {}", pair.node, config_path.display()));
-    let report: crate::daemon::control::ReloadReport = ctx
-        .call("POST", "/api/v1/reload", None)?
-        .json()
-        .map_err(|e| super::bad_answer(&e))?;
+    let report: crate::daemon::control::ReloadReport =
+        ctx.call("POST", "/api/v1/reload", None)?.json().map_err(|e| super::bad_answer(&e))?;
     if let Some((m, why)) = report.refused.iter().find(|(m, _)| *m == module) {
         return Err(Failure::new(format!("this node's daemon refused module {m}: {why}")));
     }
@@ -303,9 +316,6 @@ pub(super) fn unregister(ctx: &Ctx, module: &str, node: Option<&str>) -> Result<
             println!("removed the definition of domain {} from {} (its files are kept)", vm.name, pair.peer);
         }
     }
-    println!(
-        "domain {} stays defined on {} with autostart off; its disks were not touched",
-        vm.name, pair.node
-    );
+    println!("domain {} stays defined on {} with autostart off; its disks were not touched", vm.name, pair.node);
     Ok(0)
 }
