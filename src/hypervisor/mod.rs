@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 /// The state of one domain, as the hypervisor reports it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "state")]
+#[serde(rename_all = "snake_case")]
 pub enum DomainState {
     /// Running (or blocked on a resource: still alive).
     Running,
