@@ -40,6 +40,8 @@ pub struct LabSpec {
     pub witness: bool,
     /// More directories made private per host, like /etc/hamirror (e.g. libvirt's).
     pub binds: Vec<PathBuf>,
+    /// Each host runs its own libvirtd (`tools/lab up --libvirt`).
+    pub libvirt: bool,
 }
 
 impl LabSpec {
@@ -50,6 +52,7 @@ impl LabSpec {
             lans: vec!["default".to_string()],
             witness: false,
             binds: Vec::new(),
+            libvirt: false,
         }
     }
 
@@ -62,6 +65,12 @@ impl LabSpec {
     /// Adds a witness.
     pub fn witness(mut self) -> Self {
         self.witness = true;
+        self
+    }
+
+    /// Gives each host its own libvirtd and virtlogd.
+    pub fn libvirt(mut self) -> Self {
+        self.libvirt = true;
         self
     }
 
@@ -105,6 +114,9 @@ impl Lab {
         ];
         if spec.witness {
             args.push("--witness".into());
+        }
+        if spec.libvirt {
+            args.push("--libvirt".into());
         }
         for b in &spec.binds {
             args.push("--bind".into());
@@ -220,6 +232,11 @@ impl Lab {
     }
 
     /// Unplugs the witness from every lan.
+    /// `tools/lab libvirtd NAME HOST stop|start|restart`: only that host's libvirtd.
+    pub fn libvirtd(&self, host: &str, action: &str) {
+        self.tool(&["libvirtd", &self.name, host, action]);
+    }
+
     pub fn witness_down(&self) {
         self.tool(&["witness", &self.name, "down"]);
     }

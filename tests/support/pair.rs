@@ -72,6 +72,20 @@ pub struct ModuleSpec {
     pub scripts: Vec<(&'static str, String)>,
     /// The application's shell command (APP_COMMAND); `None`: [`app_command`].
     pub app: Option<String>,
+    /// A VM module instead of an application: `<vm>`, a `<check><vm/>` and `<rfs>` over the
+    /// VM's directory; no scripts.
+    pub vm: Option<VmSpec>,
+    /// `<failover maxloop>`.
+    pub maxloop: u32,
+}
+
+/// The VM of a VM module.
+#[derive(Clone, Debug)]
+pub struct VmSpec {
+    pub domain: String,
+    /// Its directory (disk, kernel, initrd), replicated.
+    pub dir: String,
+    pub stop_timeout: &'static str,
 }
 
 /// Directory private to each host under which replicated modules keep their data
@@ -92,7 +106,18 @@ impl ModuleSpec {
             start_timeout: "10s",
             scripts: Vec::new(),
             app: None,
+            vm: None,
+            maxloop: 3,
         }
+    }
+    /// Protects the domain `domain` whose files are in `dir`.
+    pub fn vm(mut self, domain: &str, dir: &str) -> ModuleSpec {
+        self.vm = Some(VmSpec { domain: domain.to_string(), dir: dir.to_string(), stop_timeout: "20s" });
+        self
+    }
+    pub fn maxloop(mut self, maxloop: u32) -> ModuleSpec {
+        self.maxloop = maxloop;
+        self
     }
     /// Replicates `DATA_DIR/<name>` in `sync` mode (`"sync"` or `"async"`).
     pub fn replicated(mut self, sync: &'static str) -> ModuleSpec {
@@ -176,7 +201,12 @@ impl Pair {
     /// Two hosts on the lans default and replication (and a witness when asked), with the
     /// same cluster.xml and cluster key in both homes. No module, no daemon yet.
     pub fn new(witness: bool) -> Pair {
-        let mut spec = LabSpec::new(&HOSTS).lans(&LANS).bind(DATA_DIR).bind(SPLITBRAIN_DIR);
+        Pair::with_spec(witness, |spec| spec)
+    }
+
+    /// [`Pair::new`] with more to the lab (libvirt, binds).
+    pub fn with_spec(witness: bool, more: impl FnOnce(LabSpec) -> LabSpec) -> Pair {
+        let mut spec = more(LabSpec::new(&HOSTS).lans(&LANS).bind(DATA_DIR).bind(SPLITBRAIN_DIR));
         if witness {
             spec = spec.witness();
         }
@@ -219,6 +249,27 @@ impl Pair {
 
     /// Writes a module directory (userconfig.xml, the traced template scripts) at `dir`.
     pub fn write_module(&self, dir: &Path, m: &ModuleSpec) {
+        if let Some(vm) = &m.vm {
+            let xml = format!(
+                "<module name=\"{name}\" mode=\"mirror\" id=\"{id}\">\n  <heart pulse=\"{pulse}\" timeout=\"{timeout}\"/>\n  \
+                 <failover auto=\"on\" defaultprim=\"alone\" maxloop=\"{maxloop}\"/>\n  \
+                 <rfs sync=\"sync\" lan=\"replication\">\n    <replicated dir=\"{dir}\"/>\n  </rfs>\n  \
+                 <vm name=\"{domain}\" stop_timeout=\"{stop}\"/>\n  <user starttimeout=\"{start_timeout}\"/>\n  \
+                 <check>\n    <vm action=\"restart\"/>\n  </check>\n</module>\n",
+                name = m.name,
+                id = m.id,
+                pulse = m.pulse,
+                timeout = m.timeout,
+                maxloop = m.maxloop,
+                dir = vm.dir,
+                domain = vm.domain,
+                stop = vm.stop_timeout,
+                start_timeout = m.start_timeout,
+            );
+            fs::create_dir_all(dir).unwrap();
+            fs::write(dir.join("userconfig.xml"), xml).unwrap();
+            return;
+        }
         let rfs = match m.replicated {
             Some(sync) => {
                 for h in HOSTS {
@@ -238,7 +289,7 @@ impl Pair {
         };
         let xml = format!(
             "<module name=\"{name}\" mode=\"mirror\" id=\"{id}\">\n  <heart pulse=\"{pulse}\" timeout=\"{timeout}\"/>\n  \
-             <failover auto=\"on\" defaultprim=\"alone\"/>\n{splitbrain}{rfs}  \
+             <failover auto=\"on\" defaultprim=\"alone\" maxloop=\"{maxloop}\"/>\n{splitbrain}{rfs}  \
              <user nicestoptimeout=\"10s\" forcestoptimeout=\"10s\" starttimeout=\"{start_timeout}\">\n    \
              <var name=\"APP_COMMAND\" value=\"{app}\"/>\n  </user>\n</module>\n",
             name = m.name,
@@ -246,6 +297,7 @@ impl Pair {
             pulse = m.pulse,
             timeout = m.timeout,
             start_timeout = m.start_timeout,
+            maxloop = m.maxloop,
             app = xml_escape(&m.app.clone().unwrap_or_else(|| app_command(&m.name))),
         );
         let template = Path::new(env!("CARGO_MANIFEST_DIR")).join("app-modules/mirror/bin");
