@@ -166,7 +166,9 @@ fn register_failover_failback_swap() {
             !(a.as_deref() == Some("running") && b.as_deref() == Some("running")),
             "g1 runs on both hosts during the swap"
         );
-        if p.settled(HOSTS[0], "g1").as_deref() == Some("PRIM") && p.settled(HOSTS[1], "g1").as_deref() == Some("SECOND") {
+        if p.settled(HOSTS[0], "g1").as_deref() == Some("PRIM")
+            && p.settled(HOSTS[1], "g1").as_deref() == Some("SECOND")
+        {
             break;
         }
         assert!(start.elapsed() < BOOT, "the swap did not finish");
@@ -191,9 +193,8 @@ fn crashed_guest_restarts_then_fails_over() {
 
     let first = qemu_pid(&p, HOSTS[0], "g2").expect("qemu of g2 runs on hostA");
     p.lab.exec_ok(HOSTS[0], &["kill", "-9", &first.to_string()]);
-    let second = wait_until("g2 restarted in place on hostA", BOOT, || {
-        qemu_pid(&p, HOSTS[0], "g2").filter(|pid| *pid != first)
-    });
+    let second =
+        wait_until("g2 restarted in place on hostA", BOOT, || qemu_pid(&p, HOSTS[0], "g2").filter(|pid| *pid != first));
     assert!(is_primary(p.state(HOSTS[0], "g2").as_deref()), "a restart in place moved the module");
     wait_guest(&p, HOSTS[0], "g2", 2, 2);
 

@@ -103,17 +103,17 @@ pub fn describe(plan: &Plan) -> String {
             plan.dirs.len(),
             if plan.dirs.len() == 1 { "y" } else { "ies" }
         ),
-        format!("install module {} on both hosts", plan.module),
         format!("define {} on {peer} with this host's definition", plan.domain),
+        format!("shut {} down if it runs (qemu must reopen its disks through the mirror)", plan.domain),
+        format!("install module {} on both hosts", plan.module),
+        format!(
+            "start module {} here (primary: it starts {}), then on {peer} (secondary, after a full copy)",
+            plan.module, plan.domain
+        ),
     ];
     for (i, step) in steps.iter().enumerate() {
         let _ = writeln!(s, "  {}. {step}", i + 1);
     }
-    let _ = writeln!(
-        s,
-        "then, with {} shut off, run `hamirror start {}` on both hosts (this one first)",
-        plan.domain, plan.module
-    );
     s
 }
 
