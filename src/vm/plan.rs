@@ -365,19 +365,15 @@ pub fn plan(domain: &Domain, input: &PlanInput<'_>) -> Result<Plan, String> {
 
 /// `--module`, or the domain's name when it is a valid module name.
 fn module_name(domain: &Domain, input: &PlanInput<'_>) -> Result<String, String> {
-    let ok = |n: &str| {
-        (1..=MODULE_NAME_BYTES_MAX).contains(&n.len())
-            && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-    };
-    let rule = format!("1 to {MODULE_NAME_BYTES_MAX} letters, digits, '_' or '-'");
+    let check = crate::cli::check_module_name;
     match input.module_name {
-        Some(n) if ok(n) => Ok(n.to_string()),
-        Some(n) => Err(format!("{n:?} is not a valid module name: expected {rule}")),
-        None if ok(&domain.name) => Ok(domain.name.clone()),
-        None => Err(format!(
-            "the domain name {:?} is not a valid module name ({rule}): choose one with --module NAME",
-            domain.name
-        )),
+        Some(n) => check(n).map(|()| n.to_string()).map_err(|f| f.message),
+        None => check(&domain.name).map(|()| domain.name.clone()).map_err(|_| {
+            format!(
+                "the domain name {:?} is not a valid module name (1 to {MODULE_NAME_BYTES_MAX} letters, digits, '_' or '-'): choose one with --module NAME",
+                domain.name
+            )
+        }),
     }
 }
 
