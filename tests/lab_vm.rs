@@ -101,14 +101,21 @@ fn vm_module(name: &str, id: u16, maxloop: u32) -> ModuleSpec {
     ModuleSpec::new(name, id).vm(name, &format!("{VM_DIR}/{name}")).maxloop(maxloop).start_timeout("60s")
 }
 
-/// hostA primary with the VM running there, hostB secondary in sync.
-fn start_on_a(p: &Pair, module: &str) {
-    p.run(HOSTS[0], &["start", module]);
-    wait_until(&format!("{module} primary on hostA"), BOOT, || {
-        is_primary(p.settled(HOSTS[0], module).as_deref()).then_some(())
+/// A pair with guest `name` protected by a module installed by hand (not registered): hostA
+/// primary with the guest counting there, hostB secondary in sync.
+fn running_vm(name: &str, id: u16, maxloop: u32) -> Pair {
+    let p = vm_pair();
+    create_guest(&p, name, true);
+    p.install(&vm_module(name, id, maxloop));
+    p.start_daemons();
+    p.run(HOSTS[0], &["start", name]);
+    wait_until(&format!("{name} primary on hostA"), BOOT, || {
+        is_primary(p.settled(HOSTS[0], name).as_deref()).then_some(())
     });
-    p.run(HOSTS[1], &["start", module]);
-    p.wait_states(module, (HOSTS[0], "PRIM"), (HOSTS[1], "SECOND"), BOOT);
+    p.run(HOSTS[1], &["start", name]);
+    p.wait_states(name, (HOSTS[0], "PRIM"), (HOSTS[1], "SECOND"), BOOT);
+    wait_guest(&p, HOSTS[0], name, 1, 2);
+    p
 }
 
 // `vm register` on hostA makes the module on both hosts and starts it; the VM runs on hostA.
@@ -184,12 +191,7 @@ fn register_failover_failback_swap() {
 #[test]
 fn crashed_guest_restarts_then_fails_over() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let p = vm_pair();
-    create_guest(&p, "g2", true);
-    p.install(&vm_module("g2", 2, 1));
-    p.start_daemons();
-    start_on_a(&p, "g2");
-    wait_guest(&p, HOSTS[0], "g2", 1, 2);
+    let p = running_vm("g2", 2, 1);
 
     let first = qemu_pid(&p, HOSTS[0], "g2").expect("qemu of g2 runs on hostA");
     p.lab.exec_ok(HOSTS[0], &["kill", "-9", &first.to_string()]);
@@ -214,12 +216,7 @@ fn crashed_guest_restarts_then_fails_over() {
 #[test]
 fn libvirtd_restart_does_not_fail_over() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let p = vm_pair();
-    create_guest(&p, "g3", true);
-    p.install(&vm_module("g3", 3, 3));
-    p.start_daemons();
-    start_on_a(&p, "g3");
-    wait_guest(&p, HOSTS[0], "g3", 1, 2);
+    let p = running_vm("g3", 3, 3);
     let pid = qemu_pid(&p, HOSTS[0], "g3").unwrap();
     let log_before = p.module_log(HOSTS[0], "g3").len();
 

@@ -249,24 +249,33 @@ impl Pair {
 
     /// Writes a module directory (userconfig.xml, the traced template scripts) at `dir`.
     pub fn write_module(&self, dir: &Path, m: &ModuleSpec) {
+        let splitbrain = if self.witness {
+            format!("  <splitbrain witness=\"{}\"/>\n", self.lab.addr("witness", "default"))
+        } else {
+            String::new()
+        };
+        let head = format!(
+            "<module name=\"{name}\" mode=\"mirror\" id=\"{id}\">\n  <heart pulse=\"{pulse}\" timeout=\"{timeout}\"/>\n  \
+             <failover auto=\"on\" defaultprim=\"alone\" maxloop=\"{maxloop}\"/>\n{splitbrain}",
+            name = m.name,
+            id = m.id,
+            pulse = m.pulse,
+            timeout = m.timeout,
+            maxloop = m.maxloop,
+        );
+        let rfs = |path: &str, sync: &str| {
+            format!("  <rfs sync=\"{sync}\" lan=\"replication\">\n    <replicated dir=\"{path}\"/>\n  </rfs>\n")
+        };
+        fs::create_dir_all(dir).unwrap();
         if let Some(vm) = &m.vm {
             let xml = format!(
-                "<module name=\"{name}\" mode=\"mirror\" id=\"{id}\">\n  <heart pulse=\"{pulse}\" timeout=\"{timeout}\"/>\n  \
-                 <failover auto=\"on\" defaultprim=\"alone\" maxloop=\"{maxloop}\"/>\n  \
-                 <rfs sync=\"sync\" lan=\"replication\">\n    <replicated dir=\"{dir}\"/>\n  </rfs>\n  \
-                 <vm name=\"{domain}\" stop_timeout=\"{stop}\"/>\n  <user starttimeout=\"{start_timeout}\"/>\n  \
+                "{head}{rfs}  <vm name=\"{domain}\" stop_timeout=\"{stop}\"/>\n  <user starttimeout=\"{start}\"/>\n  \
                  <check>\n    <vm action=\"restart\"/>\n  </check>\n</module>\n",
-                name = m.name,
-                id = m.id,
-                pulse = m.pulse,
-                timeout = m.timeout,
-                maxloop = m.maxloop,
-                dir = vm.dir,
+                rfs = rfs(&vm.dir, "sync"),
                 domain = vm.domain,
                 stop = vm.stop_timeout,
-                start_timeout = m.start_timeout,
+                start = m.start_timeout,
             );
-            fs::create_dir_all(dir).unwrap();
             fs::write(dir.join("userconfig.xml"), xml).unwrap();
             return;
         }
@@ -275,29 +284,14 @@ impl Pair {
                 for h in HOSTS {
                     fs::create_dir_all(self.data_dir(h, &m.name)).unwrap();
                 }
-                format!(
-                    "  <rfs sync=\"{sync}\" lan=\"replication\">\n    <replicated dir=\"{DATA_DIR}/{}\"/>\n  </rfs>\n",
-                    m.name
-                )
+                rfs(&format!("{DATA_DIR}/{}", m.name), sync)
             }
             None => String::new(),
         };
-        let splitbrain = if self.witness {
-            format!("  <splitbrain witness=\"{}\"/>\n", self.lab.addr("witness", "default"))
-        } else {
-            String::new()
-        };
         let xml = format!(
-            "<module name=\"{name}\" mode=\"mirror\" id=\"{id}\">\n  <heart pulse=\"{pulse}\" timeout=\"{timeout}\"/>\n  \
-             <failover auto=\"on\" defaultprim=\"alone\" maxloop=\"{maxloop}\"/>\n{splitbrain}{rfs}  \
-             <user nicestoptimeout=\"10s\" forcestoptimeout=\"10s\" starttimeout=\"{start_timeout}\">\n    \
+            "{head}{rfs}  <user nicestoptimeout=\"10s\" forcestoptimeout=\"10s\" starttimeout=\"{start_timeout}\">\n    \
              <var name=\"APP_COMMAND\" value=\"{app}\"/>\n  </user>\n</module>\n",
-            name = m.name,
-            id = m.id,
-            pulse = m.pulse,
-            timeout = m.timeout,
             start_timeout = m.start_timeout,
-            maxloop = m.maxloop,
             app = xml_escape(&m.app.clone().unwrap_or_else(|| app_command(&m.name))),
         );
         let template = Path::new(env!("CARGO_MANIFEST_DIR")).join("app-modules/mirror/bin");
