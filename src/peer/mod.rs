@@ -93,7 +93,7 @@ pub struct PeerClient {
 
 impl PeerClient {
     /// Connects to `peer`'s service, trying each of its cluster.xml addresses in lan order,
-    /// each within `timeout`.
+    /// all within `timeout` (each address gets an equal share of what is left).
     pub fn connect(
         cluster: &ClusterConfig,
         key: &ClusterKey,
@@ -105,13 +105,23 @@ impl PeerClient {
         let local_index =
             pair.iter().position(|n| n == local).ok_or_else(|| format!("{local} is not in cluster.xml"))?;
         let mut last = format!("{peer} has no address in cluster.xml");
-        for lan in &cluster.lans {
-            let Some(addr) = cluster.addr(&lan.name, peer) else { continue };
-            let to = SocketAddr::new(addr, PEER_PORT);
+        let addrs: Vec<SocketAddr> = cluster
+            .lans
+            .iter()
+            .filter_map(|lan| cluster.addr(&lan.name, peer))
+            .map(|a| SocketAddr::new(a, PEER_PORT))
+            .collect();
+        let deadline = Instant::now() + timeout;
+        for (i, &to) in addrs.iter().enumerate() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let share = left / (addrs.len() - i) as u32;
+            if share.is_zero() {
+                break;
+            }
             let identity = Identity { module_id: PEER_SERVICE_ID, node: local_index as u8 };
-            let attempt = TcpStream::connect_timeout(&to, timeout)
+            let attempt = TcpStream::connect_timeout(&to, share)
                 .map_err(ChannelError::Io)
-                .and_then(|stream| handshake_sender(stream, key, identity, timeout));
+                .and_then(|stream| handshake_sender(stream, key, identity, left));
             match attempt {
                 Ok(channel) => return Ok(PeerClient { channel, peer: peer.to_string() }),
                 Err(e) => last = format!("the hamirror daemon of {peer} does not answer at {to}: {e}"),
