@@ -311,9 +311,10 @@ impl Supervisor {
                     let state = self.machine.state();
                     let tx = self.events_tx.clone();
                     let vm = self.vm.clone();
+                    let peer_heard = self.machine.snapshot().lans.iter().any(|l| l.up);
                     tokio::spawn(async move {
                         let outcome = match vm {
-                            Some(vm) => run_vm_step(&paths, &env, state, script, &user, vm).await,
+                            Some(vm) => run_vm_step(&paths, &env, state, script, &user, vm, peer_heard).await,
                             None => run_script(&paths, &env, state, script, &user).await,
                         };
                         let _ = tx.send(Event::ScriptDone { script, outcome }).await;
@@ -388,7 +389,8 @@ impl Supervisor {
 
 /// A step of a VM module: the domain starts after `start_prim` succeeded and stops before
 /// `stop_prim` runs (the user's scripts see the VM's data mounted either way). A domain that
-/// cannot start or stop fails the step like a failed script.
+/// cannot start or stop fails the step like a failed script. `peer_heard`: the peer's
+/// heartbeats arrive on some lan (its daemon is asked whether the VM runs there).
 async fn run_vm_step(
     paths: &Paths,
     env: &ScriptEnv,
@@ -396,11 +398,12 @@ async fn run_vm_step(
     script: Script,
     user: &crate::config::UserConfig,
     vm: Arc<ModuleVm>,
+    peer_heard: bool,
 ) -> ScriptOutcome {
-    let blocking = |f: fn(&ModuleVm) -> Result<(), String>| {
+    let blocking = |f: fn(&ModuleVm, bool) -> Result<(), String>| {
         let vm = vm.clone();
         async move {
-            match tokio::task::spawn_blocking(move || f(&vm)).await {
+            match tokio::task::spawn_blocking(move || f(&vm, peer_heard)).await {
                 Ok(result) => result,
                 Err(_) => Err("the hypervisor call failed (its task ended)".to_string()),
             }
@@ -412,7 +415,7 @@ async fn run_vm_step(
             if outcome != ScriptOutcome::Ok {
                 return outcome;
             }
-            match blocking(|vm| vm.start()).await {
+            match blocking(|vm, peer_heard| vm.start(peer_heard)).await {
                 Ok(()) => {
                     let vm = vm.clone();
                     tokio::task::spawn_blocking(move || vm.sync_definition());
@@ -425,7 +428,7 @@ async fn run_vm_step(
             }
         }
         Script::StopPrim => {
-            let stopped = blocking(|vm| vm.stop().map(|_| ())).await;
+            let stopped = blocking(|vm, _| vm.stop().map(|_| ())).await;
             if let Err(e) = &stopped {
                 vm.say(LogLevel::Error, e);
             }

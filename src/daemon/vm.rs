@@ -94,10 +94,14 @@ impl ModuleVm {
     }
 
     /// `start_prim`: refuses when the domain is active on the peer, defines it from this node's
-    /// copy when the hypervisor does not know it, then starts it.
-    pub fn start(&self) -> Result<(), String> {
+    /// copy when the hypervisor does not know it, then starts it. The peer's daemon is asked
+    /// only while its heartbeats arrive (`peer_heard`): a peer lost on every lan cannot be
+    /// reached on those lans either, and asking would only delay the failover.
+    pub fn start(&self, peer_heard: bool) -> Result<(), String> {
         let name = &self.config.name;
-        match self.peer_state() {
+        let peer =
+            if peer_heard { self.peer_state() } else { Err(format!("{} is not heard on any lan", self.peer.peer)) };
+        match peer {
             Ok(state) if state.is_active() => {
                 return Err(format!(
                     "domain {name} is {} on {}: it is not started here, a VM never runs on both hosts",
