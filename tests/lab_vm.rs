@@ -184,6 +184,52 @@ fn register_failover_failback_swap() {
     let booted_a = wait_guest(&p, HOSTS[0], "g1", boots_a + 1, 2);
     assert!(booted_a >= last_b, "the guest booted on hostA with {booted_a}, hostB had printed {last_b}");
     assert_eq!(domstate(&p, HOSTS[1], "g1").as_deref(), Some("shut off"));
+
+    // Unregister: refused while the module runs; once stopped on both, it leaves both hosts,
+    // the domain stays defined here only, the disk stays.
+    let out = p.exec(HOSTS[0], &["vm", "unregister", "g1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("stop it on both hosts first"), "{}", text(&out));
+    p.run(HOSTS[1], &["stop", "g1"]);
+    p.run(HOSTS[0], &["stop", "g1"]);
+    p.wait_states("g1", (HOSTS[0], "STOP"), (HOSTS[1], "STOP"), DEADLINE);
+    let out = p.run(HOSTS[0], &["vm", "unregister", "g1"]);
+    assert!(out.contains("removed module g1 from hostB"), "{out}");
+    for h in HOSTS {
+        let list = p.run(h, &["module", "list"]);
+        assert!(!list.contains("g1"), "module g1 is still installed on {h}: {list}");
+    }
+    assert_eq!(domstate(&p, HOSTS[1], "g1"), None, "the domain is still defined on hostB");
+    assert_eq!(domstate(&p, HOSTS[0], "g1").as_deref(), Some("shut off"));
+    assert!(p.host_path(HOSTS[0], &format!("{VM_DIR}/g1/disk.qcow2")).exists());
+}
+
+// A domain that does not exist, and a domain that cannot be protected (its disk is a raw
+// block device), are refused with one sentence; nothing is installed anywhere.
+#[test]
+fn register_refuses_what_it_cannot_protect() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let p = vm_pair();
+    p.start_daemons();
+    let out = p.exec(HOSTS[0], &["vm", "register", "nosuch"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "hamirror: cannot read domain nosuch: there is no domain named nosuch"
+    );
+    let xml = "<domain type='qemu'><name>blk</name><memory unit='MiB'>64</memory><os><type>hvm</type></os>\
+               <devices><disk type='block' device='disk'><source dev='/dev/loop7'/><target dev='vda' bus='virtio'/>\
+               </disk></devices></domain>";
+    std::fs::write(p.lab.host_dir(HOSTS[0]).join("blk.xml"), xml).unwrap();
+    let file = p.lab.host_dir(HOSTS[0]).join("blk.xml");
+    p.lab.exec_ok(HOSTS[0], &["virsh", "-c", URI, "define", file.to_str().unwrap()]);
+    let out = p.exec(HOSTS[0], &["vm", "register", "blk"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("block device"), "{}", text(&out));
+    for h in HOSTS {
+        assert!(!p.run(h, &["module", "list"]).contains("blk"), "a refused register installed a module on {h}");
+    }
+    assert_eq!(domstate(&p, HOSTS[1], "blk"), None, "a refused register defined the domain on hostB");
 }
 
 // A guest whose qemu dies is restarted in place by the VM checker; once `maxloop` restarts
@@ -230,6 +276,10 @@ fn libvirtd_restart_does_not_fail_over() {
     wait_until("libvirt answers again on hostA", DEADLINE, || {
         (domstate(&p, HOSTS[0], "g3").as_deref() == Some("running")).then_some(())
     });
+    // The daemon's connection comes back by itself.
+    wait_until("the VM checker reconnects", DEADLINE, || {
+        p.module_log(HOSTS[0], "g3")[log_before..].contains("the hypervisor answers again").then_some(())
+    });
     let hold = Instant::now();
     while hold.elapsed() < HOLD {
         assert_eq!(p.settled(HOSTS[0], "g3").as_deref(), Some("PRIM"));
@@ -238,4 +288,11 @@ fn libvirtd_restart_does_not_fail_over() {
     assert_eq!(qemu_pid(&p, HOSTS[0], "g3"), Some(pid), "the guest's qemu was replaced");
     let log = &p.module_log(HOSTS[0], "g3")[log_before..];
     assert!(!log.contains("asking for restart"), "the VM checker failed the VM:\n{log}");
+
+    // A definition changed on the primary reaches the peer's libvirt.
+    p.lab.exec_ok(HOSTS[0], &["virsh", "-c", URI, "desc", "g3", "--config", "--new-desc", "edited on hostA"]);
+    wait_until("the edited definition defined on hostB", DEADLINE, || {
+        let out = p.lab.exec(HOSTS[1], &["virsh", "-c", URI, "desc", "g3", "--config"]);
+        String::from_utf8_lossy(&out.stdout).contains("edited on hostA").then_some(())
+    });
 }

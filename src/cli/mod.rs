@@ -439,6 +439,9 @@ mod tests {
         Cli::try_parse_from(["hamirror", "daemon", "--listen", "none"]).unwrap();
         Cli::try_parse_from(["hamirror", "resync", "web01", "--full", "--json"]).unwrap();
         Cli::try_parse_from(["hamirror", "verify", "web01", "--json"]).unwrap();
-        assert!(Cli::try_parse_from(["hamirror", "vm", "register", "d"]).is_err());
+        Cli::try_parse_from(["hamirror", "vm", "register", "web01", "--uri", "qemu:///system", "--module", "w"])
+            .unwrap();
+        Cli::try_parse_from(["hamirror", "vm", "register", "web01", "--dry-run", "--json"]).unwrap();
+        Cli::try_parse_from(["hamirror", "vm", "unregister", "web01"]).unwrap();
     }
 }

@@ -231,3 +231,22 @@ pub fn judge(state: &DomainState) -> Result<(), String> {
         DomainState::Undefined => Err("the domain is not defined".into()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // What the VM checker counts as a failure, and what it does not.
+    #[test]
+    fn judge_states() {
+        let paused = |io_error| DomainState::Paused { io_error, reason: "x".into() };
+        for ok in [DomainState::Running, DomainState::Starting, DomainState::ShuttingDown, paused(false)] {
+            assert_eq!(judge(&ok), Ok(()), "{ok:?}");
+        }
+        assert_eq!(judge(&paused(true)), Err("the VM is paused on a disk I/O error".into()));
+        assert_eq!(judge(&DomainState::Crashed), Err("the VM crashed".into()));
+        let off = DomainState::ShutOff { reason: "shut down from inside the guest".into() };
+        assert_eq!(judge(&off), Err("the VM is shut off (shut down from inside the guest)".into()));
+        assert_eq!(judge(&DomainState::Undefined), Err("the domain is not defined".into()));
+    }
+}
