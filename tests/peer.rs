@@ -140,6 +140,15 @@ fn install_and_remove_a_module() {
     assert_eq!(c.call(&install(vec![file("userconfig.xml", USERCONFIG)]), CALL), Ok(PeerAnswer::Done));
     assert!(!d.home.join("modules/web01/bin/start_prim").exists());
 
+    // A module the daemon refuses (its id is taken) is not left installed; the one in place stays.
+    let web02 = USERCONFIG.replace("web01", "web02");
+    let e = c
+        .call(&PeerRequest::InstallModule { name: "web02".into(), files: vec![file("userconfig.xml", &web02)] }, CALL)
+        .unwrap_err();
+    assert!(e.contains("refused") && e.contains("id 7"), "{e}");
+    assert!(!d.home.join("modules/web02").exists(), "a refused module was left installed");
+    assert_eq!(d.modules(), vec!["web01".to_string()]);
+
     assert_eq!(c.call(&PeerRequest::RemoveModule { name: "web01".into() }, CALL), Ok(PeerAnswer::Done));
     assert!(d.modules().is_empty());
 }

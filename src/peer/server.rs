@@ -200,11 +200,20 @@ fn install(ctx: &PeerServerContext, name: &str, files: &[ModuleFile]) -> Result<
         std::fs::rename(&target, &old).map_err(|e| io("move away", &target, e))?;
     }
     std::fs::rename(&incoming, &target).map_err(|e| io("install", &target, e))?;
+    if let Err(why) = reload(ctx) {
+        // Refused by the daemon (an id in use here...): put back what was there.
+        let _ = std::fs::remove_dir_all(&target);
+        if old.exists() {
+            let _ = std::fs::rename(&old, &target);
+        }
+        let _ = reload(ctx);
+        return Err(why);
+    }
     if old.exists() {
         std::fs::remove_dir_all(&old).map_err(|e| io("remove", &old, e))?;
     }
     tracing::info!(module = %name, "module installed by the peer");
-    reload(ctx)
+    Ok(())
 }
 
 fn remove(ctx: &PeerServerContext, name: &str) -> Result<(), String> {
@@ -242,7 +251,7 @@ fn reload(ctx: &PeerServerContext) -> Result<(), String> {
     tx.blocking_send(reply).map_err(|_| "the daemon is stopping".to_string())?;
     let report = rx.blocking_recv().map_err(|_| "the daemon is stopping".to_string())?;
     match report.refused.first() {
-        Some((module, why)) => Err(format!("module {module} was refused: {why}")),
+        Some((module, why)) => Err(format!("module {module} was refused on {}: {why}", ctx.node)),
         None => Ok(()),
     }
 }
