@@ -296,3 +296,31 @@ fn libvirtd_restart_does_not_fail_over() {
         String::from_utf8_lossy(&out.stdout).contains("edited on hostA").then_some(())
     });
 }
+
+// A VM started by hand on hostB (outside hamirror) is never started on hostA too: the module's
+// start asks hostB's daemon first, fails, and says why.
+#[test]
+fn never_started_while_running_on_the_peer() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let p = vm_pair();
+    let dir = create_guest(&p, "g5", true);
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(p.host_path(HOSTS[0], &dir))
+        .arg(p.host_path(HOSTS[1], VM_DIR))
+        .status()
+        .unwrap();
+    assert!(copied.success());
+    p.lab.exec_ok(HOSTS[1], &["virsh", "-c", URI, "start", "g5"]);
+    p.install(&vm_module("g5", 5, 3));
+    p.start_daemons();
+    p.run(HOSTS[0], &["start", "g5"]);
+    wait_until("hostA's start of g5 refused", BOOT, || {
+        p.module_log(HOSTS[0], "g5").contains("g5 is running on hostB: it is not started here").then_some(())
+    });
+    assert!(
+        !is_primary(p.settled(HOSTS[0], "g5").as_deref()) || domstate(&p, HOSTS[0], "g5").as_deref() != Some("running")
+    );
+    assert_eq!(domstate(&p, HOSTS[0], "g5").as_deref(), Some("shut off"), "g5 runs on both hosts");
+    assert_eq!(domstate(&p, HOSTS[1], "g5").as_deref(), Some("running"));
+}
