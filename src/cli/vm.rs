@@ -118,6 +118,15 @@ pub(super) fn register(ctx: &Ctx, args: &RegisterArgs<'_>) -> Result<i32, Failur
     let existing: Vec<ExistingModule> =
         set.modules.iter().filter(|m| m.name != module).map(ExistingModule::from_config).collect();
     let local_ids: Vec<(u16, String)> = set.modules.iter().map(|m| (m.id, m.name.clone())).collect();
+    if !args.dry_run {
+        // Both daemons must answer before anything changes.
+        ctx.call("GET", "/api/v1/modules", None).map_err(|e| {
+            Failure::new(format!(
+                "this host's daemon does not answer ({}); both daemons must run to register a VM (nothing was changed)",
+                e.message
+            ))
+        })?;
+    }
     let mut peer = match pair.peer() {
         Ok(p) => Some(p),
         Err(e) if args.dry_run => {
