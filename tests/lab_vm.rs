@@ -32,16 +32,17 @@ fn vm_pair() -> Pair {
     Pair::with_spec(false, |spec| spec.libvirt().bind(VM_DIR))
 }
 
-/// Creates guest `name` in hostA's `VM_DIR/name` (and the empty directory on hostB), and
-/// defines it in hostA's libvirt; with `on_b`, in hostB's too (as `vm register` would).
+/// Creates guest `name` in hostA's `VM_DIR/name` and defines it in hostA's libvirt; with
+/// `on_b`, also the empty directory and the definition on hostB (as `vm register` would).
 fn create_guest(p: &Pair, name: &str, on_b: bool) -> String {
     let dir = format!("{VM_DIR}/{name}");
     p.lab.exec_ok(HOSTS[0], &[guest_tool().to_str().unwrap(), "create", &dir, name]);
-    p.lab.exec_ok(HOSTS[1], &["mkdir", "-p", &dir]);
     let xml_file = format!("{dir}/{name}.xml");
     let xml = std::fs::read_to_string(p.host_path(HOSTS[0], &xml_file)).expect("tools/guest create writes NAME.xml");
     p.lab.exec_ok(HOSTS[0], &["virsh", "-c", URI, "define", &xml_file]);
     if on_b {
+        // Installed by hand, not by `vm register`, which creates it on the peer.
+        p.lab.exec_ok(HOSTS[1], &["mkdir", "-p", &dir]);
         let tmp = "/tmp/hamirror-test-domain.xml";
         std::fs::write(p.lab.host_dir(HOSTS[1]).join("domain.xml"), &xml).unwrap();
         let outside = p.lab.host_dir(HOSTS[1]).join("domain.xml");

@@ -177,6 +177,10 @@ fn install(ctx: &PeerServerContext, name: &str, files: &[ModuleFile]) -> Result<
     if module.name != name {
         return Err(format!("its userconfig.xml names the module {:?}, not {name:?}", module.name));
     }
+    // The replicated directories must exist here too: the replication fills them.
+    for dir in module.rfs.iter().flat_map(|r| r.replicated.iter()) {
+        std::fs::create_dir_all(&dir.dir).map_err(|e| format!("cannot create {}: {e}", dir.dir.display()))?;
+    }
     let modules_dir = ctx.paths.modules_dir();
     let incoming = modules_dir.join(format!(".incoming-{name}"));
     let old = modules_dir.join(format!(".old-{name}"));
