@@ -7,6 +7,25 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/hamirror";
 /// Default TCP port of the admin HTTP API and health-check URL.
 pub const DEFAULT_API_PORT: u16 = 9010;
 
+/// Replaces `path` with `bytes` durably: a temporary file beside it (`<name>.tmp`), fsync,
+/// rename, fsync of the directory (created if missing). A crash leaves the old file or the
+/// new one, never a mix.
+pub fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = dir.join(tmp_name);
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
 /// The config home and the state directory of one node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Paths {

@@ -1,7 +1,6 @@
 //! `hamirror vm register | unregister`: turns a libvirt (or Hyper-V) domain into a mirror
 //! module on both hosts, and back (docs/vm.md).
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::{modules, Ctx, Failure};
@@ -213,7 +212,8 @@ pub(super) fn register(ctx: &Ctx, args: &RegisterArgs<'_>) -> Result<i32, Failur
     let files = vec![ModuleFile { path: "userconfig.xml".into(), mode: 0o644, data: text.clone().into_bytes() }];
     call(&mut peer, &PeerRequest::InstallModule { name: module.clone(), files })?;
     done.push(format!("installed module {module} (id {id}) on {}", pair.peer));
-    write_module(&ctx.paths.module_dir(&module), &text)?;
+    crate::paths::write_durably(&config_path, text.as_bytes())
+        .map_err(|e| Failure::new(format!("cannot write {}: {e}", config_path.display())))?;
     done.push(format!("installed module {module} (id {id}) on {} in {}", pair.node, config_path.display()));
     let report: crate::daemon::control::ReloadReport =
         ctx.call("POST", "/api/v1/reload", None)?.json().map_err(|e| super::bad_answer(&e))?;
@@ -225,15 +225,6 @@ pub(super) fn register(ctx: &Ctx, args: &RegisterArgs<'_>) -> Result<i32, Failur
     }
     start_pair(ctx, &mut peer, &pair, &module, config.vm.as_ref().map(|v| v.name.as_str()).unwrap_or(&dom.name))?;
     Ok(0)
-}
-
-fn write_module(dir: &Path, text: &str) -> Result<(), Failure> {
-    std::fs::create_dir_all(dir).map_err(|e| Failure::new(format!("cannot create {}: {e}", dir.display())))?;
-    let file = dir.join("userconfig.xml");
-    let tmp = dir.join(".userconfig.xml.tmp");
-    std::fs::write(&tmp, text)
-        .and_then(|()| std::fs::rename(&tmp, &file))
-        .map_err(|e| Failure::new(format!("cannot write {}: {e}", file.display())))
 }
 
 /// The module's state on this node (`STOP`, `PRIM`...).

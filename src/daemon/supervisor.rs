@@ -1,7 +1,6 @@
 //! One module's supervisor task: the only code that turns the machine's actions into I/O
 //! (scripts, heartbeats, witness pings, checkers, the state file, the module log).
 
-use std::io::Write;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -63,16 +62,9 @@ pub fn load_state(path: &Path) -> Result<PersistedState, String> {
     }
 }
 
-/// Writes the state durably: temporary file, fsync, rename, fsync of the directory.
+/// Writes the state durably (see [`crate::paths::write_durably`]).
 fn save_state(path: &Path, state: &PersistedState) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let tmp = path.with_extension("json.tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
+    crate::paths::write_durably(path, &serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?)
 }
 
 /// Binds the module's heartbeat sockets and starts its task; returns the handle the API uses

@@ -169,7 +169,7 @@ impl ModuleVm {
         };
         let saved = std::fs::read_to_string(&self.saved_xml).ok();
         if saved.as_deref() != Some(xml.as_str()) {
-            if let Err(e) = write_atomic(&self.saved_xml, &xml) {
+            if let Err(e) = crate::paths::write_durably(&self.saved_xml, xml.as_bytes()) {
                 self.say(LogLevel::Warn, &format!("cannot save the definition of {name}: {e}"));
             }
         }
@@ -207,15 +207,6 @@ fn state_word(state: &DomainState) -> &'static str {
         DomainState::Crashed => "crashed",
         DomainState::Undefined => "not defined",
     }
-}
-
-fn write_atomic(path: &std::path::Path, text: &str) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("xml.tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
 }
 
 /// The VM checker's verdict on one state: `Err` says why the VM is not healthy.

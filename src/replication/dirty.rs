@@ -867,10 +867,6 @@ impl std::fmt::Debug for DirtyMaps {
     }
 }
 
-fn fsync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
 impl DirtyMaps {
     /// Opens (or creates) the maps in `dir` with the default bounds.
     pub fn open(dir: &Path, zone_bytes: u64) -> io::Result<DirtyMaps> {
@@ -1085,18 +1081,11 @@ impl DirtyMaps {
 /// returns it opened for appending.
 fn write_compacted(dir: &Path, state: &mut State) -> io::Result<(File, u64)> {
     let path = dir.join(LOG_FILE);
-    let tmp = dir.join(format!("{LOG_FILE}.tmp"));
     let mut buf = LOG_MAGIC.to_vec();
     for r in state.compacted() {
         buf.extend_from_slice(&encode(&r)?);
     }
-    {
-        let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp)?;
-        f.write_all(&buf)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, &path)?;
-    fsync_dir(dir)?;
+    crate::paths::write_durably(&path, &buf)?;
     let log = OpenOptions::new().append(true).open(&path)?;
     Ok((log, buf.len() as u64))
 }

@@ -29,7 +29,7 @@ use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ffi::CString;
 use std::fs::File;
-use std::io::{self, Write};
+use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -959,18 +959,7 @@ fn load_checkpoint(path: &Path, block_bytes: u64) -> Option<(RelPath, u64)> {
 
 fn save_checkpoint(path: &Path, block_bytes: u64, at: &RelPath, offset: u64) -> io::Result<()> {
     let c = Checkpoint { version: CHECKPOINT_VERSION, block_bytes, dir: at.dir(), path: at.path().to_string(), offset };
-    let text = serde_json::to_vec(&c).map_err(io::Error::other)?;
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = File::create(&tmp)?;
-        f.write_all(&text)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    crate::paths::write_durably(path, &serde_json::to_vec(&c).map_err(io::Error::other)?)
 }
 
 /// Forgets a saved full-resync checkpoint (`second --full` starts from the beginning).
