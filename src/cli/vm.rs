@@ -44,10 +44,9 @@ struct Pair {
 fn pair(ctx: &Ctx, node: Option<&str>) -> Result<Pair, Failure> {
     let cluster = load_cluster(&ctx.paths.cluster_xml()).map_err(|e| Failure::new(e.to_string()))?;
     let node = cluster.local_node(node).map_err(|e| Failure::new(e.to_string()))?;
-    let Some(names) = cluster.pair() else {
+    let Some((_, peer)) = cluster.pair_position(&node) else {
         return Err(Failure::new(format!("{} must list exactly two nodes", ctx.paths.cluster_xml().display())));
     };
-    let peer = if names[0] == node { names[1].clone() } else { names[0].clone() };
     let key = load_key(&ctx.paths.cluster_key()).map_err(|e| Failure::new(e.to_string()))?;
     Ok(Pair { cluster, node, peer, key })
 }

@@ -162,6 +162,19 @@ impl ClusterConfig {
         <[String; 2]>::try_from(self.node_names()).ok()
     }
 
+    /// `node`'s place in the pair (0: the first node, 1: the second) and the other node's
+    /// name; `None` unless the cluster has exactly two nodes, `node` one of them.
+    pub fn pair_position(&self, node: &str) -> Option<(u8, String)> {
+        let [first, second] = self.pair()?;
+        if first == node {
+            Some((0, second))
+        } else if second == node {
+            Some((1, first))
+        } else {
+            None
+        }
+    }
+
     /// Which node this host is. With `requested` (from `--node` / `HAMIRROR_NODE`), it must be a
     /// node of cluster.xml. Without it, the one node that has an address on this host (an
     /// address is local when a UDP socket can be bound to it); none or several is an error
@@ -206,6 +219,14 @@ mod tests {
             Path::new("cluster.xml"),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn pair_position_names_the_other_node() {
+        let c = cluster();
+        assert_eq!(c.pair_position("a"), Some((0, "b".to_string())));
+        assert_eq!(c.pair_position("b"), Some((1, "a".to_string())));
+        assert_eq!(c.pair_position("z"), None);
     }
 
     #[test]

@@ -216,7 +216,7 @@ async fn run_async(opts: DaemonOptions) -> anyhow::Result<()> {
     let _lock = lock_state_dir(&paths)?;
     let cluster = config::load_cluster(&paths.cluster_xml())?;
     let node = cluster.local_node(opts.node.as_deref())?;
-    let Some(pair) = cluster.pair() else {
+    let (Some(pair), Some((node_index, _))) = (cluster.pair(), cluster.pair_position(&node)) else {
         bail!("{} must list exactly two nodes for mirror modules", paths.cluster_xml().display());
     };
     let key = crate::cluster::load_key(&paths.cluster_key())?;
@@ -236,7 +236,7 @@ async fn run_async(opts: DaemonOptions) -> anyhow::Result<()> {
     crate::peer::serve(crate::peer::PeerServerContext {
         paths: paths.clone(),
         cluster: cluster.clone(),
-        node_index: if pair[0] == node { 0 } else { 1 },
+        node_index,
         node: node.clone(),
         key: key.clone(),
         control: control.clone(),

@@ -74,7 +74,10 @@ pub fn start_module(
     config: ModuleConfig,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(ModuleHandle, tokio::task::JoinHandle<()>), String> {
-    let peer = if ctx.pair[0] == ctx.node { ctx.pair[1].clone() } else { ctx.pair[0].clone() };
+    let (node_index, peer) = ctx
+        .cluster
+        .pair_position(&ctx.node)
+        .ok_or_else(|| format!("{} is not one of the two nodes of cluster.xml", ctx.node))?;
     let port = config.heartbeat_port();
     let mut lans = Vec::new();
     for lan in &config.heart.lans {
@@ -83,7 +86,6 @@ pub fn start_module(
         };
         lans.push(HeartbeatLan { name: lan.clone(), local: (local, port).into(), peer: (remote, port).into() });
     }
-    let node_index = if ctx.pair[0] == ctx.node { 0 } else { 1 };
     let heartbeats = Heartbeats::bind(ctx.key.clone(), node_index, config.id, lans, ctx.epoch)
         .map_err(|e| format!("its heartbeat sockets cannot be opened: {e}"))?;
     let persisted = load_state(&ctx.paths.module_state_file(&config.name))?;
@@ -303,7 +305,7 @@ impl Supervisor {
                     let state = self.machine.state();
                     let tx = self.events_tx.clone();
                     let vm = self.vm.clone();
-                    let peer_heard = self.machine.snapshot().lans.iter().any(|l| l.up);
+                    let peer_heard = self.machine.peer_visible();
                     tokio::spawn(async move {
                         let outcome = match vm {
                             Some(vm) => run_vm_step(&paths, &env, state, script, &user, vm, peer_heard).await,

@@ -1544,7 +1544,8 @@ impl Module {
         self.transition.map(Transition::as_str).unwrap_or("busy")
     }
 
-    fn peer_visible(&self) -> bool {
+    /// The peer's heartbeats arrive on at least one lan.
+    pub fn peer_visible(&self) -> bool {
         self.lan_deadline.iter().any(Option::is_some)
     }
 

@@ -101,9 +101,9 @@ impl PeerClient {
         peer: &str,
         timeout: Duration,
     ) -> Result<PeerClient, String> {
-        let pair = cluster.pair().ok_or("cluster.xml must list exactly two nodes")?;
-        let local_index =
-            pair.iter().position(|n| n == local).ok_or_else(|| format!("{local} is not in cluster.xml"))?;
+        let (local_index, _) = cluster
+            .pair_position(local)
+            .ok_or_else(|| format!("{local} is not one of the two nodes of cluster.xml"))?;
         let mut last = format!("{peer} has no address in cluster.xml");
         let addrs: Vec<SocketAddr> = cluster
             .lans
@@ -118,7 +118,7 @@ impl PeerClient {
             if share.is_zero() {
                 break;
             }
-            let identity = Identity { module_id: PEER_SERVICE_ID, node: local_index as u8 };
+            let identity = Identity { module_id: PEER_SERVICE_ID, node: local_index };
             let attempt = TcpStream::connect_timeout(&to, share)
                 .map_err(ChannelError::Io)
                 .and_then(|stream| handshake_sender(stream, key, identity, left));
