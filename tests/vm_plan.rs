@@ -126,7 +126,9 @@ fn userconfig_from_the_kvm_template() {
     let mut plan = plan_of(&fixture("chain.xml", root), &input(&fs, &[])).unwrap();
     plan.domain = "a&b".to_string();
     let template = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("vm-modules/kvm/userconfig.xml"));
-    let text = render::userconfig(&plan, &template.unwrap(), "qemu+ssh://x/system?a=1&b=2", 7);
+    let heart = render::Heart { pulse: "700ms", timeout: "30s" };
+    let text = render::userconfig(&plan, &template.unwrap(), "qemu+ssh://x/system?a=1&b=2", 7, heart);
+    assert!(text.contains("<heart pulse=\"700ms\" timeout=\"30s\"/>"), "{text}");
     assert!(text.contains("<module name=\"web01\" mode=\"mirror\" id=\"7\">"), "{text}");
     assert!(text.contains(&format!(
         "    <replicated dir=\"{}\"/>\n    <replicated dir=\"{}\"/>\n",
@@ -140,7 +142,7 @@ fn userconfig_from_the_kvm_template() {
     assert!(!text.contains('%'), "{text}");
     let hv =
         fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("vm-modules/hyperv/userconfig.xml")).unwrap();
-    assert!(!render::userconfig(&plan, &hv, "hyperv:///local", 1).contains('%'));
+    assert!(!render::userconfig(&plan, &hv, "hyperv:///local", 1, heart).contains('%'));
 }
 
 // A block disk, or a file disk whose source is a device, is refused with the convert hint.

@@ -17,7 +17,7 @@ const PEER_CONNECT: Duration = Duration::from_secs(3);
 const PEER_CALL: Duration = Duration::from_secs(60);
 /// How long the module may take to become primary on this node.
 const START_DEADLINE: Duration = Duration::from_secs(120);
-/// Default heartbeat of a registered VM (the templates' values).
+/// Default heartbeat of a registered VM (`--pulse`, `--timeout`).
 pub const DEFAULT_PULSE: &str = "700ms";
 pub const DEFAULT_TIMEOUT: &str = "30s";
 
@@ -168,9 +168,8 @@ pub(super) fn register(ctx: &Ctx, args: &RegisterArgs<'_>) -> Result<i32, Failur
         return Ok(0);
     }
     let kind = if dom.is_hyperv() { "hyperv" } else { "kvm" };
-    let text = render::userconfig(&plan, &template(kind)?, args.uri, id)
-        .replace(&format!("pulse=\"{DEFAULT_PULSE}\""), &format!("pulse=\"{}\"", render::escape(args.pulse)))
-        .replace(&format!("timeout=\"{DEFAULT_TIMEOUT}\""), &format!("timeout=\"{}\"", render::escape(args.timeout)));
+    let heart = render::Heart { pulse: args.pulse, timeout: args.timeout };
+    let text = render::userconfig(&plan, &template(kind)?, args.uri, id, heart);
     let config_path = ctx.paths.userconfig(&module);
     let config = parse_module(&text, &config_path, &pair.cluster)
         .map_err(|e| Failure::new(format!("the module made for {} is not valid: {e}", dom.name)))?;

@@ -1,8 +1,8 @@
 //! A [`Plan`] turned into text: the module's `userconfig.xml` from a `vm-modules/` template,
 //! the human description printed by `vm register --dry-run`, and its stable JSON form.
 //!
-//! Template macros: `%MODULE_NAME%`, `%VM_NAME%`, `%VM_URI%` (replaced wherever they appear,
-//! XML-escaped) and `%REPLICATED_DIRS%` (the line holding it becomes one
+//! Template macros: `%MODULE_NAME%`, `%VM_NAME%`, `%VM_URI%`, `%PULSE%`, `%TIMEOUT%` (replaced
+//! wherever they appear, XML-escaped) and `%REPLICATED_DIRS%` (the line holding it becomes one
 //! `<replicated dir=".."/>` line per directory, with the same indentation). `id="auto"` on the
 //! root `<module>` tag becomes the module's id.
 
@@ -16,6 +16,9 @@ pub const MACRO_MODULE_NAME: &str = "%MODULE_NAME%";
 pub const MACRO_VM_NAME: &str = "%VM_NAME%";
 /// Macro replaced by the hypervisor URI.
 pub const MACRO_VM_URI: &str = "%VM_URI%";
+/// Macros replaced by the heartbeat's `pulse` and `timeout`.
+pub const MACRO_PULSE: &str = "%PULSE%";
+pub const MACRO_TIMEOUT: &str = "%TIMEOUT%";
 /// Macro whose line is replaced by one `<replicated dir=".."/>` line per directory.
 pub const MACRO_REPLICATED_DIRS: &str = "%REPLICATED_DIRS%";
 
@@ -35,9 +38,16 @@ pub fn escape(value: &str) -> String {
     out
 }
 
-/// The module's `userconfig.xml`: `template` with its macros expanded, the hypervisor `uri`
-/// and the module `id` (which replaces `id="auto"` on the `<module>` tag).
-pub fn userconfig(plan: &Plan, template: &str, uri: &str, id: u16) -> String {
+/// The module's heartbeat (`<heart pulse timeout>`), as written in the file.
+#[derive(Debug, Clone, Copy)]
+pub struct Heart<'a> {
+    pub pulse: &'a str,
+    pub timeout: &'a str,
+}
+
+/// The module's `userconfig.xml`: `template` with its macros expanded, the hypervisor `uri`,
+/// the module `id` (which replaces `id="auto"` on the `<module>` tag) and its `heart`.
+pub fn userconfig(plan: &Plan, template: &str, uri: &str, id: u16, heart: Heart<'_>) -> String {
     let mut out = String::with_capacity(template.len() + 256);
     let mut root_done = false;
     for line in template.split_inclusive('\n') {
@@ -52,7 +62,9 @@ pub fn userconfig(plan: &Plan, template: &str, uri: &str, id: u16) -> String {
         let mut line = line
             .replace(MACRO_MODULE_NAME, &escape(&plan.module))
             .replace(MACRO_VM_NAME, &escape(&plan.domain))
-            .replace(MACRO_VM_URI, &escape(uri));
+            .replace(MACRO_VM_URI, &escape(uri))
+            .replace(MACRO_PULSE, &escape(heart.pulse))
+            .replace(MACRO_TIMEOUT, &escape(heart.timeout));
         if !root_done && line.trim_start().starts_with("<module") {
             root_done = true;
             line = line.replacen("id=\"auto\"", &format!("id=\"{id}\""), 1);
