@@ -5,8 +5,10 @@ use std::time::{Duration, Instant};
 
 use super::{modules, Ctx, Failure};
 use crate::cluster::{load_key, ClusterKey};
-use crate::config::{load_cluster, load_modules, parse_module, ClusterConfig, ModuleMode, MODULE_ID_MAX};
+use crate::config::{load_cluster, load_modules, parse_module, ClusterConfig, MODULE_ID_MAX};
+use crate::daemon::control::ModuleView;
 use crate::hypervisor::{self, DomainState, HvError, Hypervisor};
+use crate::module::State;
 use crate::peer::{ModuleFile, PeerAnswer, PeerClient, PeerModule, PeerRequest};
 use crate::vm::plan::{plan, ExistingModule, HostFs, PlanInput};
 use crate::vm::{domain, render};
@@ -173,13 +175,6 @@ pub(super) fn register(ctx: &Ctx, args: &RegisterArgs<'_>) -> Result<i32, Failur
     let config_path = ctx.paths.userconfig(&module);
     let config = parse_module(&text, &config_path, &pair.cluster)
         .map_err(|e| Failure::new(format!("the module made for {} is not valid: {e}", dom.name)))?;
-    let mirrors = existing.iter().filter(|m| m.mode == ModuleMode::Mirror).count() + 1;
-    if mirrors > crate::config::MIRROR_MODULES_MAX {
-        return Err(Failure::new(format!(
-            "this would make {mirrors} mirror modules, more than the {} a pair runs",
-            crate::config::MIRROR_MODULES_MAX
-        )));
-    }
     let mut peer = peer.expect("connected unless dry run");
     let mut done: Vec<String> = Vec::new();
 
@@ -221,15 +216,20 @@ pub(super) fn register(ctx: &Ctx, args: &RegisterArgs<'_>) -> Result<i32, Failur
     for line in &done {
         println!("{line}");
     }
-    start_pair(ctx, &mut peer, &pair, &module, config.vm.as_ref().map(|v| v.name.as_str()).unwrap_or(&dom.name))?;
+    start_pair(ctx, &mut peer, &pair, &module, &dom.name)?;
     Ok(0)
 }
 
-/// The module's state on this node (`STOP`, `PRIM`...).
-fn local_state(ctx: &Ctx, module: &str) -> Result<Option<String>, Failure> {
-    let view: serde_json::Value =
+/// The module's state on this node (`None`: it does not run, its configuration is refused).
+fn local_state(ctx: &Ctx, module: &str) -> Result<Option<State>, Failure> {
+    let view: ModuleView =
         ctx.call("GET", &super::module_path(module), None)?.json().map_err(|e| super::bad_answer(&e))?;
-    Ok(view["status"]["state"].as_str().map(str::to_string))
+    Ok(view.status.map(|s| s.state))
+}
+
+/// `None` or the state, for messages.
+fn state_word(state: Option<State>) -> String {
+    state.map_or_else(|| "?".to_string(), |s| s.to_string())
 }
 
 /// Starts a freshly registered module: here first, where the VM runs, then on the peer,
@@ -238,14 +238,14 @@ fn local_state(ctx: &Ctx, module: &str) -> Result<Option<String>, Failure> {
 fn start_pair(ctx: &Ctx, peer: &mut PeerClient, pair: &Pair, module: &str, vm: &str) -> Result<(), Failure> {
     let here = local_state(ctx, module)?;
     let there = peer_modules(peer)?.into_iter().find(|m| m.name == module).and_then(|m| m.state);
-    let stopped = |s: &Option<String>| matches!(s.as_deref(), None | Some("STOP"));
-    if !stopped(&here) || !stopped(&there) {
+    let stopped = |s: Option<State>| matches!(s, None | Some(State::Stop));
+    if !stopped(here) || !stopped(there) {
         println!(
             "module {module} already runs ({}: {}, {}: {}): left as it is",
             pair.node,
-            here.as_deref().unwrap_or("?"),
+            state_word(here),
             pair.peer,
-            there.as_deref().unwrap_or("?")
+            state_word(there)
         );
         return Ok(());
     }
@@ -253,13 +253,13 @@ fn start_pair(ctx: &Ctx, peer: &mut PeerClient, pair: &Pair, module: &str, vm: &
     let deadline = Instant::now() + START_DEADLINE;
     loop {
         let state = local_state(ctx, module)?;
-        if matches!(state.as_deref(), Some("ALONE" | "PRIM")) {
+        if state.is_some_and(State::is_primary) {
             break;
         }
         if Instant::now() > deadline {
             return Err(Failure::new(format!(
                 "module {module} is {} on {} after {START_DEADLINE:?}, not primary: see `hamirror log {module}`",
-                state.as_deref().unwrap_or("?"),
+                state_word(state),
                 pair.node
             )));
         }
@@ -291,8 +291,8 @@ pub(super) fn unregister(ctx: &Ctx, module: &str, node: Option<&str>) -> Result<
     let mut peer = pair.peer()?;
     let here = local_state(ctx, module)?;
     let there = peer_modules(&mut peer)?.into_iter().find(|m| m.name == module).and_then(|m| m.state);
-    for (node, state) in [(&pair.node, &here), (&pair.peer, &there)] {
-        if let Some(s) = state.as_deref().filter(|s| *s != "STOP") {
+    for (node, state) in [(&pair.node, here), (&pair.peer, there)] {
+        if let Some(s) = state.filter(|s| *s != State::Stop) {
             return Err(Failure::new(format!(
                 "module {module} is {s} on {node}: stop it on both hosts first (`hamirror stop {module}`, the \
                  secondary first; this shuts the VM down), nothing was changed"

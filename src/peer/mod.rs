@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::cluster::ClusterKey;
 use crate::config::{ClusterConfig, PORT_BASE};
 use crate::hypervisor::DomainState;
+use crate::module::State;
 use crate::replication::channel::{handshake_sender, Channel, ChannelError, Identity};
 
 /// The peer service's TCP port (module ids start at 1, so no module uses it).
@@ -50,8 +51,8 @@ pub struct PeerModule {
     pub vm: Option<String>,
     /// Its replicated directories.
     pub dirs: Vec<PathBuf>,
-    /// Its state there (`STOP`, `PRIM`...), `None` when it does not run.
-    pub state: Option<String>,
+    /// Its state there, `None` when it does not run.
+    pub state: Option<State>,
 }
 
 /// What one node asks the other.

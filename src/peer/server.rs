@@ -126,7 +126,7 @@ fn handle(ctx: &PeerServerContext, request: PeerRequest) -> PeerAnswer {
 fn modules(ctx: &PeerServerContext) -> Vec<PeerModule> {
     let set = crate::config::load_modules(&ctx.paths, &ctx.cluster);
     let control = ctx.control.blocking_read();
-    let state_of = |name: &str| control.get(name).and_then(|v| v.status).map(|s| s.state.to_string());
+    let state_of = |name: &str| control.get(name).and_then(|v| v.status).map(|s| s.state);
     let mut out: Vec<PeerModule> = set
         .modules
         .iter()
